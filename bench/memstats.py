@@ -1,0 +1,111 @@
+"""Memory measurements: idle PSS of a whole server, and USS added per in-flight call.
+
+PSS (proportional set size) charges each shared page to its sharers in equal parts, so summing it over a
+process tree counts the pages that Gunicorn workers and fork servers share copy-on-write once, not once per
+process; RSS would overstate a forking design several times over. Per in-flight call we sum USS (pages
+private to a process) over the processes that appeared for the calls: what each call really adds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+import requests
+from servers import Server
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TreePss:
+    processes: int
+    pss_bytes: int
+
+
+@dataclass(frozen=True)
+class InflightUss:
+    calls: int
+    ok: int  # calls that answered 200
+    new_processes: int  # processes under the server that were not there at idle
+    uss_bytes: int  # sum of USS over those processes, measured while the calls were in flight
+
+    @property
+    def per_call_bytes(self) -> float:
+        return self.uss_bytes / self.calls if self.calls else 0.0
+
+
+def tree_pss(server: Server) -> TreePss:
+    """Total PSS of the master and all its descendants."""
+    total = 0
+    procs = server.processes()
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_full_info().pss
+    return TreePss(processes=len(procs), pss_bytes=total)
+
+
+def _identities(server: Server) -> set[tuple[int, float]]:
+    ids = set()
+    for p in server.processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ids.add((p.pid, p.create_time()))
+    return ids
+
+
+def inflight_uss(server: Server, path: str, calls: int, call_seconds: float) -> InflightUss:
+    """Start ``calls`` concurrent GETs of a function that sleeps ``call_seconds``, measure while they run.
+
+    New processes are identified by (pid, create time) against an idle snapshot, so a pid reused between the
+    snapshot and the measurement is still seen as new. Measurement happens once the expected number of
+    new processes exists, plus a short settle so each has finished starting up and is inside main(); at
+    80 % of the call's duration at the latest, so the calls are certainly still in flight. The caller keeps
+    ``calls`` within the gateway's thread capacity, else some calls would still be queued and the figure
+    would be low.
+    """
+    idle = _identities(server)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            status = requests.get(server.base_url + path, timeout=call_seconds + 15).status_code
+        except requests.RequestException:
+            status = 0
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(calls)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+
+    def new_processes() -> list[psutil.Process]:
+        out = []
+        for p in server.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if (p.pid, p.create_time()) not in idle:
+                    out.append(p)
+        return out
+
+    latest = started + 0.8 * call_seconds
+    while time.monotonic() < latest and len(new_processes()) < calls:
+        time.sleep(0.05)
+    time.sleep(min(0.3, max(0.0, latest - time.monotonic())))
+    fresh = new_processes()
+    uss = 0
+    for p in fresh:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            uss += p.memory_full_info().uss
+
+    for t in threads:
+        t.join(timeout=max(0.0, started + call_seconds + 20 - time.monotonic()))
+    return InflightUss(
+        calls=calls,
+        ok=sum(1 for s in results if s == 200),
+        new_processes=len(fresh),
+        uss_bytes=uss,
+    )

@@ -1,0 +1,354 @@
+"""fnbox benchmark: fnbox against the seed's in-process design and a naive spawn-per-call design.
+
+Usage: .venv/bin/python bench/run.py [--servers seed,spawn,fnbox] [--rounds N] [--duration S] [--quick]
+                                      [--no-write] [--keep-tmp]
+
+All three servers run side by side on free loopback ports under the same Gunicorn settings (gthread, the
+workers/threads defaults of ops/gunicorn.conf.py) and are driven by wrk in alternation, scenario by scenario,
+so slow drift of the machine (thermal, page cache, other tenants) hits every server alike. Results go to
+stdout and to the "Latest benchmark run" section of docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from loadgen import SCENARIOS, WrkResult, echo_body, run_wrk, write_scripts, wrk_binary
+from memstats import inflight_uss, tree_pss
+from report import MemoryRow, aggregate, machine_description, render, target_checks, write_doc
+from servers import Server, free_port, start, stop, wait_http_ok, wait_quiet
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+GUNICORN_CONF = REPO / "ops" / "gunicorn.conf.py"
+ALL_SERVERS = ("seed", "spawn", "fnbox")
+INFLIGHT_FUNCTION = "sleep2"
+INFLIGHT_SECONDS = 2.0
+# Only the I/O-bound scenario needs more than fnbox's default per-function concurrency: 32 connections.
+FUNCTIONS_TOML = """\
+# Written by bench/run.py. sleep100 is driven with 32 connections, so it may run 32 calls at once;
+# every other function keeps fnbox's defaults.
+[sleep100]
+max_concurrency = 32
+"""
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so stdout carries only the report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class GunicornSettings:
+    workers: int
+    threads: int
+    keepalive: int | None  # None: Gunicorn's default, which the baselines then also get
+
+    def describe(self) -> str:
+        return f"gthread, {self.workers} workers x {self.threads} threads, the same for every server"
+
+
+def _conf_values() -> dict[str, object]:
+    """workers/threads/worker_class/keepalive as ops/gunicorn.conf.py sets them with no FNBOX_* in the env.
+
+    The conf file is evaluated in a child interpreter (so nothing it does can touch this process) with the
+    FNBOX_* variables removed, which yields its defaults however they are computed. If that fails, fall back
+    to the literal defaults of FNBOX_WORKERS / FNBOX_THREADS in its source.
+    """
+    found: dict[str, object] = {}
+    code = (
+        "import json, runpy, sys\n"
+        "ns = runpy.run_path(sys.argv[1])\n"
+        "keys = ('workers', 'threads', 'worker_class', 'keepalive')\n"
+        "print(json.dumps({k: ns.get(k) for k in keys}, default=str))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FNBOX_")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(GUNICORN_CONF)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode == 0:
+            values = json.loads(out.stdout.strip().splitlines()[-1])
+            found = {k: v for k, v in values.items() if v is not None}
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        pass
+    src = GUNICORN_CONF.read_text()
+    for key, var in (("workers", "FNBOX_WORKERS"), ("threads", "FNBOX_THREADS")):
+        m = re.search(rf"""["']{var}["']\s*,\s*["']?(\d+)""", src)
+        if m and key not in found:
+            found[key] = int(m.group(1))
+    return found
+
+
+def gunicorn_settings(workers: int | None, threads: int | None) -> GunicornSettings:
+    """The settings every server runs with: ops/gunicorn.conf.py's defaults unless overridden."""
+    found: dict[str, object] = {}
+    if GUNICORN_CONF.exists():
+        found = _conf_values()
+    elif workers is None or threads is None:
+        log(f"warning: {GUNICORN_CONF} not found; baselines default to 2 workers x 4 threads")
+        found = {"workers": 2, "threads": 4}
+    if workers is not None:
+        found["workers"] = workers
+    if threads is not None:
+        found["threads"] = threads
+    if "workers" not in found or "threads" not in found:
+        raise SystemExit(f"cannot read workers/threads from {GUNICORN_CONF}; pass --workers and --threads")
+    worker_class = str(found.get("worker_class", "gthread"))
+    if "gthread" not in worker_class:
+        log(f"warning: ops/gunicorn.conf.py uses worker_class={worker_class!r}; the baselines run gthread")
+    keepalive = found.get("keepalive")
+    return GunicornSettings(
+        workers=int(str(found["workers"])),
+        threads=int(str(found["threads"])),
+        keepalive=int(str(keepalive)) if keepalive is not None else None,
+    )
+
+
+def prepare_workdir(tmp: Path) -> dict[str, Path]:
+    """Lay out the functions package, the fnbox profiles dir, wrk scripts and a logs dir under tmp."""
+    functions = tmp / "functions"
+    shutil.copytree(BENCH_DIR / "functions", functions, ignore=shutil.ignore_patterns("__pycache__"))
+    profiles = tmp / "profiles"
+    repo_profiles = REPO / "sandbox_profiles"
+    if repo_profiles.is_dir():
+        shutil.copytree(repo_profiles, profiles, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        profiles.mkdir()
+    (profiles / "functions.toml").write_text(FUNCTIONS_TOML)
+    logs = tmp / "logs"
+    logs.mkdir()
+    wrk_dir = tmp / "wrk"
+    wrk_dir.mkdir()
+    return {"root": tmp, "functions": functions, "profiles": profiles, "logs": logs, "wrk": wrk_dir}
+
+
+def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) -> Server:
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FNBOX_")}
+    # Every server gets --no-control-socket: Gunicorn 27 otherwise binds one fixed path
+    # (~/.gunicorn/gunicorn.ctl), which side-by-side servers (or a `make run` instance) would fight over.
+    if name == "fnbox":
+        env.update(
+            FNBOX_BIND=f"127.0.0.1:{port}",
+            FNBOX_FUNCTIONS_DIR=str(paths["functions"]),
+            FNBOX_PROFILES_DIR=str(paths["profiles"]),
+            FNBOX_WORKERS=str(settings.workers),
+            FNBOX_THREADS=str(settings.threads),
+        )
+        argv = [gunicorn, "-c", str(GUNICORN_CONF), "--no-control-socket"]
+        cwd = REPO
+    else:
+        argv = [
+            gunicorn,
+            "--worker-class",
+            "gthread",
+            "--workers",
+            str(settings.workers),
+            "--threads",
+            str(settings.threads),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--chdir",
+            str(paths["root"]),  # the seed's layout: the functions package in the working dir
+            "--pythonpath",
+            str(BENCH_DIR),
+            "--no-control-socket",
+        ]
+        if settings.keepalive is not None:
+            argv += ["--keep-alive", str(settings.keepalive)]
+        argv.append(f"{name}_app:app")
+        cwd = paths["root"]
+    log(f"starting {name} on 127.0.0.1:{port}")
+    return start(name, argv, cwd=cwd, env=env, log_path=paths["logs"] / f"{name}.log", port=port)
+
+
+def check_answers(server: Server) -> None:
+    """Each bench function must answer correctly before any number about it means anything."""
+    base = server.base_url + "/function/"
+    small = {"k": [1, 2, 3], "s": "x"}
+    cases = [
+        ("GET", "hello", None, "Hello World!"),
+        ("GET", "hello/Tony", None, "Hello Tony!"),
+        ("GET", "hello?name=Ann", None, "Hello Ann!"),
+        ("POST", "echo", small, small),
+        ("GET", "sleep100", None, "ok"),
+    ]
+    for method, path, body, expected in cases:
+        r = requests.request(method, base + path, json=body, timeout=30)
+        got = r.json() if isinstance(expected, dict) and r.status_code == 200 else r.text
+        if r.status_code != 200 or got != expected:
+            raise RuntimeError(
+                f"{server.name}: {method} /function/{path} gave HTTP {r.status_code} {r.text[:200]!r}, "
+                f"expected {expected!r}\n{server.log_tail()}"
+            )
+    big = echo_body()
+    r = requests.post(base + "echo", data=big, headers={"Content-Type": "application/json"}, timeout=30)
+    if r.status_code != 200 or r.json() != json.loads(big):
+        raise RuntimeError(f"{server.name}: 64 KB echo gave HTTP {r.status_code} {r.text[:200]!r}")
+
+
+def settle(server: Server) -> None:
+    if not wait_quiet(server, timeout_s=60, window_s=0.3):
+        log(f"warning: {server.name} still busy after 60 s; measuring anyway")
+
+
+def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
+    wrk = wrk_binary()
+    if wrk is None:
+        raise SystemExit("wrk is not installed: run `bash ops/setup-system.sh` (or `make bench`)")
+    settings = gunicorn_settings(args.workers, args.threads)
+    paths = prepare_workdir(tmp)
+    scripts = write_scripts(paths["wrk"])
+    servers: dict[str, Server] = {}
+    try:
+        for name in names:
+            servers[name] = start_server(name, paths, settings)
+        for name, srv in servers.items():
+            wait_http_ok(srv, "/healthz" if name == "fnbox" else "/function/hello", timeout_s=30)
+            check_answers(srv)
+            # A short warm-up so every worker has imported the functions and Flask's lazy bits before any
+            # measurement; the seed would otherwise pay first-import costs inside round 1.
+            run_wrk(f"{srv.base_url}/function/hello", SCENARIOS[1], scripts["hello@8"], 1.0)
+            log(f"{name} ready: {srv.base_url}")
+
+        mem = {name: MemoryRow() for name in servers}
+        for name, srv in servers.items():
+            settle(srv)
+            mem[name].idle_warm = tree_pss(srv)
+
+        samples: dict[tuple[str, str], list[WrkResult]] = {}
+        for rnd in range(1, args.rounds + 1):
+            for sc in SCENARIOS:
+                for name, srv in servers.items():
+                    url = f"{srv.base_url}/function/{sc.function}"
+                    res = run_wrk(
+                        url,
+                        sc,
+                        scripts[sc.key],
+                        args.duration,
+                        paths["logs"] / f"wrk_r{rnd}_{sc.key}_{name}.txt",
+                    )
+                    samples.setdefault((sc.key, name), []).append(res)
+                    p50 = res.p50_ms if res.p50_ms is not None else float("nan")
+                    log(
+                        f"round {rnd}/{args.rounds} {sc.key:<12} {name:<6} {res.rps:10.1f} req/s  "
+                        f"p50 {p50:8.2f} ms  errors {res.errors}"
+                    )
+                    settle(srv)
+
+        capacity = settings.workers * settings.threads
+        calls = min(args.inflight_calls, capacity)
+        if calls < args.inflight_calls:
+            log(f"note: in-flight calls capped at {calls} = workers x threads, the gateway's capacity")
+        for name, srv in servers.items():
+            settle(srv)
+            mem[name].idle_after = tree_pss(srv)
+            if name != "seed":  # the seed runs calls on worker threads: nothing per call to measure
+                mem[name].inflight = inflight_uss(
+                    srv, f"/function/{INFLIGHT_FUNCTION}", calls, INFLIGHT_SECONDS
+                )
+                settle(srv)
+    finally:
+        for srv in servers.values():
+            stop(srv)
+            log(f"stopped {srv.name} (pid {srv.proc.pid})")
+
+    rows = {key: aggregate(vals) for key, vals in samples.items()}
+    checks = target_checks(rows, mem)
+    machine = machine_description(
+        {
+            "Gunicorn": settings.describe(),
+            "Runs": f"{args.rounds} round(s) x {args.duration:g} s per scenario and server, alternating",
+            "Servers": ", ".join(names),
+        },
+        wrk,
+    )
+    return render(machine, rows, mem, checks, list(names))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--servers",
+        default=",".join(ALL_SERVERS),
+        help="comma-separated subset of seed,spawn,fnbox (default: all)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds of all scenarios (default 3)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s, overriding --rounds/--duration")
+    p.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    p.add_argument("--workers", type=int, help="override the Gunicorn workers read from ops/gunicorn.conf.py")
+    p.add_argument("--threads", type=int, help="override the Gunicorn threads read from ops/gunicorn.conf.py")
+    p.add_argument("--inflight-calls", type=int, default=16, help="concurrent calls for the USS measurement")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server and wrk logs)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration = 1, 2.0
+    if args.rounds < 1 or args.duration <= 0:
+        p.error("--rounds must be >= 1 and --duration > 0")
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_SERVERS]
+    if bad or not names:
+        p.error(f"unknown server(s) {bad}; choose from {','.join(ALL_SERVERS)}")
+    # Keep the canonical order so tables and alternation read seed, spawn, fnbox whatever the flag's order.
+    args.names = [n for n in ALL_SERVERS if n in names]
+    return args
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM/SIGHUP take the same path as Ctrl-C, so the finally blocks stop every server.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    tmp = Path(tempfile.mkdtemp(prefix="fnbox-bench-"))
+    started = time.monotonic()
+    ok = False
+    try:
+        report = run_bench(args, args.names, tmp)
+        ok = True
+    except KeyboardInterrupt:
+        log("interrupted; servers stopped")
+        return 130
+    except RuntimeError as e:
+        log(f"error: {e}")
+        return 1
+    finally:
+        if args.keep_tmp or not ok:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(report, end="")
+    if not args.no_write:
+        doc = REPO / "docs" / "performance.md"
+        write_doc(doc, report)
+        log(f"wrote {doc.relative_to(REPO)}")
+    log(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""One JSON line per call, on stderr (Gunicorn's error log, journald under systemd)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from runner.supervisor import CallResult
+
+LOG_OUTPUT_CHARS = 2000  # of the captured output, in the log line; the rest is marked as truncated
+
+_logger = logging.getLogger("fnbox.calls")
+if not _logger.handlers:
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False
+
+
+def log_call(*, request_id: str, function: str, method: str, path: str, status: int, outcome: str,
+             duration_ms: float, result: CallResult | None, message: str = "") -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "request_id": request_id, "function": function,
+        "method": method, "path": path, "status": status, "outcome": outcome,
+        "duration_ms": round(duration_ms, 2),
+    }
+    if result is not None:
+        output = result.output.decode("utf-8", "replace")
+        record.update(cpu_ms=result.cpu_ms, max_rss_kb=result.max_rss_kb, exitcode=result.exitcode,
+                      signal=result.signal)
+        if len(output) > LOG_OUTPUT_CHARS:
+            result.output_dropped += len(output) - LOG_OUTPUT_CHARS
+            output = output[:LOG_OUTPUT_CHARS]
+        record["output"] = output
+        if result.output_dropped:
+            record["output_dropped_bytes"] = result.output_dropped
+        if result.traceback:
+            record["traceback"] = result.traceback
+    if message:
+        record["message"] = message
+    _logger.info(json.dumps(record, ensure_ascii=False))
+    return record

@@ -1,0 +1,42 @@
+"""Every error the gateway answers, mapped to HTTP in one place. Bodies are JSON with a stable error code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, json
+
+from runner import outcomes
+
+STATUS = {
+    outcomes.NOT_FOUND: 404,
+    outcomes.NO_MAIN: 400,
+    outcomes.FUNCTION_ERROR: 500,
+    outcomes.TIMEOUT: 504,
+    outcomes.MEMORY_LIMIT: 502,
+    outcomes.CRASHED: 502,
+    outcomes.OUTPUT_LIMIT: 502,
+    outcomes.BUSY: 503,
+    outcomes.UNAVAILABLE: 503,
+    "request_too_large": 413,
+    "method_not_allowed": 405,
+    "bad_request": 400,
+}
+
+
+class GatewayError(Exception):
+    """An error answered before or instead of running the function."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+
+def error_response(code: str, message: str, *, function: str | None, request_id: str,
+                   **extra: Any) -> Response:
+    body = {"error": code, "message": message, "function": function, "request_id": request_id}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    resp = Response(json.dumps(body) + "\n", status=STATUS.get(code, 500), mimetype="application/json")
+    if code == outcomes.BUSY:
+        resp.headers["Retry-After"] = "1"
+    return resp

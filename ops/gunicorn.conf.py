@@ -1,0 +1,47 @@
+"""Gunicorn settings for fnbox: `.venv/bin/gunicorn -c ops/gunicorn.conf.py` from the repo root.
+
+Worker class: gthread. A call blocks its thread while the function runs (up to its timeout_s), so a sync
+worker would block a whole process per call; with threads, slow calls only hold a thread each, and the
+worker's main thread keeps notifying the master, so Gunicorn's `timeout` never kills a worker that is merely
+waiting on slow functions (the function's own timeout_s ends the call). Each worker owns one fork server.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+bind = [os.environ.get("FNBOX_BIND", "127.0.0.1:8000")]
+workers = int(os.environ.get("FNBOX_WORKERS", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("FNBOX_THREADS", "32"))
+wsgi_app = "gateway.app:create_app()"
+# Heartbeat only (see above). Calls are bounded by their profiles, not by this.
+timeout = 30
+# A graceful stop lets calls in flight finish within their limits.
+graceful_timeout = int(os.environ.get("FNBOX_GRACEFUL_TIMEOUT", "40"))
+keepalive = 5
+accesslog = os.environ.get("FNBOX_ACCESS_LOG") or None
+errorlog = "-"
+proc_name = "fnbox"
+# Forwarded headers are trusted only from these addresses (nginx on the same host).
+forwarded_allow_ips = os.environ.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+
+def on_starting(server):
+    # Refuse to start with an invalid profile folder, saying which file, key and why.
+    from runner.config import Settings
+    from runner.profiles import ProfileError, load_profiles
+
+    try:
+        load_profiles(Settings.from_env().profiles_dir)
+    except ProfileError as e:
+        print(f"fnbox: refusing to start: invalid profile: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def worker_exit(server, worker):
+    app = getattr(worker, "wsgi", None)
+    rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
+    if rt is not None:
+        rt.supervisor.close()

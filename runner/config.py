@@ -1,0 +1,64 @@
+"""Server settings: read from the environment once, validated in one place, frozen."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigError(ValueError):
+    """A bad FNBOX_* environment variable."""
+
+
+def _int(env: dict[str, str], key: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: must be an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{key}={raw!r}: must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    functions_dir: str
+    profiles_dir: str
+    # Where slot locks and scratch directories live. Shared by every fnbox server on the machine, because the
+    # sandbox uids it hands out are machine-wide.
+    state_dir: str
+    scratch_dir: str
+    uid_base: int  # sandbox slot i runs as uid/gid uid_base + i (only when the server runs as root)
+    slots: int  # size of the machine-wide sandbox slot pool (uids and cgroups)
+    python: str  # the interpreter the fork server runs on: the venv's real binary, never a shim
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        root = os.geteuid() == 0
+        state_default = "/run/fnbox" if root else f"/tmp/fnbox-{os.geteuid()}"
+        state = os.path.abspath(env.get("FNBOX_STATE_DIR") or state_default)
+        return cls(
+            functions_dir=os.path.abspath(env.get("FNBOX_FUNCTIONS_DIR") or os.path.join(REPO_ROOT, "functions")),
+            profiles_dir=os.path.abspath(
+                env.get("FNBOX_PROFILES_DIR") or os.path.join(REPO_ROOT, "sandbox_profiles")
+            ),
+            state_dir=state,
+            scratch_dir=os.path.abspath(env.get("FNBOX_SCRATCH_DIR") or "/var/tmp/fnbox-scratch"),
+            uid_base=_int(env, "FNBOX_UID_BASE", 61000, minimum=1000),
+            slots=_int(env, "FNBOX_SANDBOX_SLOTS", 256, minimum=1),
+            python=env.get("FNBOX_PYTHON") or _real_python(),
+        )
+
+
+def _real_python() -> str:
+    """The venv's interpreter path: sys.executable inside the venv resolves the venv (site-packages) and is a
+    symlink to the real binary, so starting it costs no shim."""
+    import sys
+
+    return sys.executable

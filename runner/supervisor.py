@@ -1,0 +1,406 @@
+"""The gateway worker's side of the runner: owns one fork server and runs calls through it.
+
+Ownership is explicit, as in gunicorn's arbiter: the Supervisor is the only owner of its fork server process.
+A reader thread receives every message the fork server sends and hands it to the waiting call; when the fork
+server dies, every waiting call fails cleanly and a new fork server is started at once. Every wait is bounded.
+
+The request and response never pass through the fork server: the calling thread creates the child's pipes,
+sends their far ends along with the spawn message (SCM_RIGHTS), then talks to the child directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner import outcomes
+from runner.config import REPO_ROOT, Settings
+from runner.profiles import Profile
+from runner.protocol import MAX_HEADER, ProtocolError, encode_frame, recv_msg, send_msg, split_frame
+
+START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
+GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
+FORWARDED_ENV = ("FNBOX_STATE_DIR", "FNBOX_SCRATCH_DIR", "FNBOX_UID_BASE", "FNBOX_SANDBOX_SLOTS")
+
+
+class Unavailable(Exception):
+    """The fork server cannot be started or reached: no function can run right now."""
+
+
+@dataclass
+class Invocation:
+    function: str
+    functions_dir: str
+    profile: Profile
+    environ: dict[str, str]
+    body: bytes
+    request_id: str
+
+
+@dataclass
+class CallResult:
+    outcome: str
+    message: str = ""
+    status: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    error_type: str | None = None
+    traceback: str | None = None
+    output: bytes = b""
+    output_dropped: int = 0
+    exitcode: int | None = None
+    signal: str | None = None
+    cpu_ms: float | None = None
+    max_rss_kb: int | None = None
+    sandbox_ms: float = 0.0  # from the call's start until the spawn request was sent and acknowledged
+    wall_ms: float = 0.0
+
+
+class _Waiter:
+    __slots__ = ("event", "msg")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.msg: dict[str, Any] | None = None
+
+    def set(self, msg: dict[str, Any]) -> None:
+        self.msg = msg
+        self.event.set()
+
+
+class _ForkServerProcess:
+    """One incarnation of the fork server: its process, socket, and the calls waiting on it."""
+
+    def __init__(self, settings: Settings) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": REPO_ROOT,
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+        env["FNBOX_SCRATCH_DIR"] = settings.scratch_dir
+        env["FNBOX_STATE_DIR"] = settings.state_dir
+        try:
+            self.proc = subprocess.Popen(
+                [settings.python, "-m", "runner.forkserver", str(child.fileno())],
+                pass_fds=(child.fileno(),), env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                stdout=sys.stderr, start_new_session=True, close_fds=True,
+            )
+        finally:
+            child.close()
+        self.sock = parent
+        self.send_lock = threading.Lock()
+        self.pending: dict[int, _Waiter] = {}
+        self.pending_lock = threading.Lock()
+        self.dead = False
+        parent.settimeout(START_TIMEOUT)
+        try:
+            msg, _ = recv_msg(parent)
+        except OSError:
+            msg = None
+        if not msg or msg.get("op") != "ready":
+            self.kill()
+            raise Unavailable("the fork server did not start")
+        parent.settimeout(None)
+        self.pid: int = msg["pid"]
+        self.layers: dict[str, str] = msg.get("layers", {})
+
+    def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        with self.send_lock:
+            send_msg(self.sock, msg, fds)
+
+    def register(self, call_id: int) -> _Waiter:
+        w = _Waiter()
+        with self.pending_lock:
+            if self.dead:
+                raise Unavailable("the fork server died")
+            self.pending[call_id] = w
+        return w
+
+    def unregister(self, call_id: int) -> None:
+        with self.pending_lock:
+            self.pending.pop(call_id, None)
+
+    def fail_all(self, message: str) -> None:
+        with self.pending_lock:
+            self.dead = True
+            waiting, self.pending = self.pending, {}
+        for w in waiting.values():
+            w.set({"op": "exit", "outcome": outcomes.CRASHED, "message": message, "runner_died": True})
+
+    def kill(self) -> None:
+        try:
+            self.sock.close()  # EOF: the fork server kills its calls and exits by itself
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=6)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._fs: _ForkServerProcess | None = None
+        self._ids = itertools.count(1)
+        self._closing = False
+        self.restarts = 0
+        self.last_error: str | None = None
+
+    # -- fork server lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            self._ensure_locked()
+
+    def _ensure_locked(self) -> _ForkServerProcess:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if self._fs is None or self._fs.dead:
+            try:
+                fs = _ForkServerProcess(self.settings)
+            except (OSError, Unavailable) as e:
+                self.last_error = f"cannot start the fork server: {e}"
+                raise Unavailable(self.last_error) from None
+            self.last_error = None
+            self._fs = fs
+            threading.Thread(target=self._read_loop, args=(fs,), name="fnbox-forkserver-reader",
+                             daemon=True).start()
+        return self._fs
+
+    def _fork_server(self) -> _ForkServerProcess:
+        fs = self._fs
+        if fs is not None and not fs.dead:
+            return fs
+        with self._lock:
+            return self._ensure_locked()
+
+    def _read_loop(self, fs: _ForkServerProcess) -> None:
+        while True:
+            try:
+                msg, _ = recv_msg(fs.sock)
+            except OSError:
+                msg = None
+            if msg is None:
+                break
+            with fs.pending_lock:
+                w = fs.pending.pop(msg.get("id"), None)
+            if w is not None:
+                w.set(msg)
+        fs.fail_all("the sandbox runner died during the call")
+        try:
+            fs.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            fs.proc.kill()
+            fs.proc.wait(timeout=5)
+        if not self._closing:
+            self.restarts += 1
+            print(f"fnbox: fork server {fs.pid} exited ({fs.proc.returncode}); restarting", file=sys.stderr)
+            try:
+                self.start()
+            except Unavailable as e:
+                print(f"fnbox: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        self._closing = True
+        with self._lock:
+            fs, self._fs = self._fs, None
+        if fs is not None:
+            fs.kill()
+
+    @property
+    def pid(self) -> int | None:
+        fs = self._fs
+        return fs.pid if fs and not fs.dead else None
+
+    @property
+    def layers(self) -> dict[str, str]:
+        fs = self._fs
+        return fs.layers if fs else {}
+
+    def ping(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        try:
+            fs = self._fork_server()
+            call_id = next(self._ids)
+            w = fs.register(call_id)
+            fs.send({"op": "ping", "id": call_id})
+        except (Unavailable, OSError):
+            return None
+        if not w.event.wait(timeout):
+            fs.unregister(call_id)
+            return None
+        return None if w.msg and w.msg.get("runner_died") else w.msg
+
+    # -- one call ----------------------------------------------------------------------------------------
+    def call(self, inv: Invocation) -> CallResult:
+        t0 = time.monotonic()
+        fs = self._fork_server()
+        call_id = next(self._ids)
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            waiter = fs.register(call_id)
+            msg = {"op": "spawn", "id": call_id, "function": inv.function, "functions_dir": inv.functions_dir,
+                   "profile": inv.profile.to_dict(), "request_id": inv.request_id}
+            try:
+                fs.send(msg, [stdin_r, out_w, res_w])
+            except OSError:
+                fs.unregister(call_id)
+                raise Unavailable("the fork server is not reachable") from None
+        except BaseException:
+            for fd in (stdin_w, out_r, res_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_r, out_w, res_w):
+                os.close(fd)
+        sandbox_ms = (time.monotonic() - t0) * 1000
+        payload = encode_frame({"environ": inv.environ, "request_id": inv.request_id}) + inv.body
+        io = _CallIO(stdin_w, out_r, res_r, payload, inv.profile)
+        deadline = t0 + inv.profile.timeout_s + GRACE
+        drained = io.run(deadline, waiter)
+        if not waiter.event.is_set() and (io.overflow or not drained):
+            # Still running: the output overflowed, or the fork server missed the deadline. Ask it to kill.
+            try:
+                fs.send({"op": "kill", "id": call_id, "outcome": outcomes.OUTPUT_LIMIT if io.overflow
+                         else outcomes.TIMEOUT, "message": "killed by the gateway"})
+            except OSError:
+                pass
+        if not waiter.event.wait(max(0.0, deadline - time.monotonic()) + GRACE):
+            fs.unregister(call_id)
+            exit_msg: dict[str, Any] = {"outcome": outcomes.CRASHED,
+                                        "message": "the sandbox runner did not report the call's end"}
+        else:
+            exit_msg = waiter.msg or {}
+        result = _compose(exit_msg, io)
+        result.sandbox_ms = sandbox_ms
+        result.wall_ms = (time.monotonic() - t0) * 1000
+        return result
+
+
+class _CallIO:
+    """Writes the request to the child and drains its result and captured output, all in one select loop,
+    so that neither side can block the other (a function printing 100 MB while we write its body)."""
+
+    def __init__(self, stdin_w: int, out_r: int, res_r: int, payload: bytes, profile: Profile) -> None:
+        self.stdin_w, self.out_r, self.res_r = stdin_w, out_r, res_r
+        self.payload = memoryview(payload)
+        self.result = bytearray()
+        self.result_cap = MAX_HEADER + profile.max_response_kb * 1024 + 4
+        self.output = bytearray()
+        self.output_cap = profile.max_log_kb * 1024
+        self.output_dropped = 0
+        self.overflow = False
+        self.result_eof = False
+
+    def run(self, deadline: float, waiter: _Waiter) -> bool:
+        """Returns False when the deadline passed with the child's pipes still open."""
+        sel = selectors.DefaultSelector()
+        for fd in (self.stdin_w, self.out_r, self.res_r):
+            os.set_blocking(fd, False)
+        sel.register(self.stdin_w, selectors.EVENT_WRITE)
+        sel.register(self.out_r, selectors.EVENT_READ)
+        sel.register(self.res_r, selectors.EVENT_READ)
+        try:
+            while sel.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                events = sel.select(min(remaining, 0.05 if waiter.event.is_set() else 0.5))
+                if not events and waiter.event.is_set():
+                    break  # the call is over and its pipes are idle: a leftover holder must not stall us
+                for key, _ in events:
+                    fd = key.fd
+                    if fd == self.stdin_w:
+                        self._write(sel)
+                    elif fd == self.res_r:
+                        self._read_result(sel)
+                    else:
+                        self._read_output(sel)
+            return True
+        finally:
+            for fd in list(sel.get_map()):
+                sel.unregister(fd)
+            sel.close()
+            for fd in (self.stdin_w, self.out_r, self.res_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _write(self, sel: selectors.BaseSelector) -> None:
+        try:
+            n = os.write(self.stdin_w, self.payload[:65536])
+            self.payload = self.payload[n:]
+        except BlockingIOError:
+            return
+        except OSError:  # the child is gone before reading its request
+            self.payload = self.payload[:0]
+        if not self.payload:
+            sel.unregister(self.stdin_w)
+            os.close(self.stdin_w)
+            self.stdin_w = -1
+
+    def _read_result(self, sel: selectors.BaseSelector) -> None:
+        try:
+            chunk = os.read(self.res_r, 1 << 17)
+        except BlockingIOError:
+            return
+        if chunk:
+            self.result += chunk
+            if len(self.result) > self.result_cap:
+                self.overflow = True
+                self.result.clear()
+                chunk = b""
+        if not chunk:
+            self.result_eof = not self.overflow
+            sel.unregister(self.res_r)
+
+    def _read_output(self, sel: selectors.BaseSelector) -> None:
+        try:
+            chunk = os.read(self.out_r, 1 << 17)
+        except BlockingIOError:
+            return
+        if not chunk:
+            sel.unregister(self.out_r)
+            return
+        room = self.output_cap - len(self.output)
+        if room > 0:
+            self.output += chunk[:room]
+        self.output_dropped += max(0, len(chunk) - max(room, 0))
+
+
+def _compose(exit_msg: dict[str, Any], io: _CallIO) -> CallResult:
+    r = CallResult(outcome=exit_msg.get("outcome", outcomes.CRASHED), message=exit_msg.get("message", ""),
+                   output=bytes(io.output), output_dropped=io.output_dropped, exitcode=exit_msg.get("exitcode"),
+                   signal=exit_msg.get("signal"), cpu_ms=exit_msg.get("cpu_ms"),
+                   max_rss_kb=exit_msg.get("max_rss_kb"))
+    if io.overflow and r.outcome in (outcomes.OK, outcomes.CRASHED):
+        r.outcome, r.message = outcomes.OUTPUT_LIMIT, "the response exceeds max_response_kb"
+        return r
+    if r.outcome != outcomes.OK:
+        return r
+    try:
+        header, body = split_frame(bytes(io.result))
+    except ProtocolError as e:
+        r.outcome, r.message = outcomes.CRASHED, f"the function's process sent no valid result ({e})"
+        return r
+    if header.get("kind") == "response":
+        r.status, r.body = str(header.get("status")), body
+        r.headers = [(str(k), str(v)) for k, v in header.get("headers", [])]
+        return r
+    outcome = header.get("outcome")
+    r.outcome = outcome if outcome in outcomes.ALL and outcome != outcomes.OK else outcomes.CRASHED
+    r.message = str(header.get("message", ""))
+    r.error_type = header.get("type")
+    r.traceback = header.get("traceback")
+    return r
