@@ -1,8 +1,9 @@
 """Spawn baseline: the naive way to isolate calls, one brand-new ``python`` process per HTTP call.
 
 The gateway serialises the request as one JSON message on the child's stdin and returns whatever response
-the child writes as JSON on stdout. Every call pays a full interpreter start plus ``import flask`` and the
-function import, which is exactly the cost fnbox's design is meant to avoid: the floor fnbox is compared to.
+the child writes as JSON on stdout. Every call pays a full interpreter start plus ``import werkzeug`` and
+the function import, which is exactly the cost fnbox's design is meant to avoid: the floor fnbox is compared
+to.
 Run it like the seed baseline: ``gunicorn --chdir <dir holding the functions package> ... spawn_app:app``;
 the child finds the functions package through its working directory, inherited from the gateway.
 """

@@ -45,3 +45,6 @@ def worker_exit(server, worker):
     rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
     if rt is not None:
         rt.supervisor.close()
+
+# Gunicorn's runtime control socket is not used by fnbox; one fixed path would also collide between servers.
+control_socket_disable = True

@@ -1,0 +1,212 @@
+"""Test harness: real Gunicorn servers on free loopback ports, with temporary functions and profiles.
+
+Every process a test starts is ended by its pid (the Gunicorn master's process group), never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import requests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+GUNICORN = os.path.join(REPO, ".venv", "bin", "gunicorn")
+UID_BASE = 61000
+SLOTS = 256
+SCRATCH = "/var/tmp/fnbox-scratch" if os.geteuid() == 0 else f"/tmp/fnbox-scratch-{os.geteuid()}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dedent(src: str) -> str:
+    return textwrap.dedent(src).lstrip("\n")
+
+
+class Server:
+    """A real fnbox server: `gunicorn -c ops/gunicorn.conf.py` with its own functions and profiles folders."""
+
+    def __init__(self, functions: dict[str, str] | None = None, profiles: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None, workers: int = 1, threads: int = 16) -> None:
+        # Sandbox uids must be able to read the functions: a world-readable folder outside pytest's 0700 tmp.
+        self.functions_dir = tempfile.mkdtemp(prefix="fnbox-test-fn-", dir="/tmp")
+        os.chmod(self.functions_dir, 0o755)
+        self.profiles_dir = tempfile.mkdtemp(prefix="fnbox-test-prof-", dir="/tmp")  # 0700: sandbox can't read
+        for name in os.listdir(os.path.join(REPO, "sandbox_profiles")):
+            shutil.copy(os.path.join(REPO, "sandbox_profiles", name), self.profiles_dir)
+        with open(os.path.join(self.functions_dir, "__init__.py"), "w") as f:
+            f.write("")
+        for name, src in (functions or {}).items():
+            self.write_function(name, src)
+        for name, text in (profiles or {}).items():
+            self.write_profile(name, text)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
+                        FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_WORKERS=str(workers),
+                        FNBOX_THREADS=str(threads), **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(tempfile.mkdtemp(prefix="fnbox-test-log-"), "server.log")
+
+    def write_function(self, name: str, src: str) -> str:
+        path = os.path.join(self.functions_dir, name if name.endswith(".py") or "/" in name else name + ".py")
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(dedent(src))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic, as a deploy would be
+        return path
+
+    def write_profile(self, name: str, text: str) -> None:
+        with open(os.path.join(self.profiles_dir, name), "w") as f:
+            f.write(dedent(text))
+
+    def start(self, wait: bool = True) -> Server:
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([GUNICORN, "-c", "ops/gunicorn.conf.py"], cwd=REPO, env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.read_log()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not healthy after {timeout}s:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def get(self, path: str, **kw) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.get(self.url + path, **kw)
+
+    def request(self, method: str, path: str, **kw) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.request(method, self.url + path, **kw)
+
+    def pids(self) -> list[int]:
+        """The master and every process below it (workers, fork servers, calls)."""
+        if not self.proc:
+            return []
+        try:
+            master = psutil.Process(self.proc.pid)
+            return [master.pid, *(p.pid for p in master.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 20) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            self._cleanup_dirs()
+            return
+        known = self.pids()
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        deadline = time.monotonic() + 10
+        for pid in known:  # fork servers run in their own session: end any straggler by its pid
+            while psutil.pid_exists(pid) and time.monotonic() < deadline:
+                try:
+                    if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                        break
+                except psutil.NoSuchProcess:
+                    break
+                time.sleep(0.05)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.log.close()
+        self._cleanup_dirs()
+
+    def _cleanup_dirs(self) -> None:
+        shutil.rmtree(self.functions_dir, ignore_errors=True)
+        shutil.rmtree(self.profiles_dir, ignore_errors=True)
+
+
+def sandbox_processes(older_than: float | None = None) -> list[psutil.Process]:
+    """Processes running under a sandbox slot uid (root mode), optionally only those created before a time."""
+    found = []
+    for p in psutil.process_iter(["uids", "create_time", "status"]):
+        try:
+            uids = p.info["uids"]
+            if uids and UID_BASE <= uids.real < UID_BASE + SLOTS and p.info["status"] != psutil.STATUS_ZOMBIE:
+                if older_than is None or p.info["create_time"] <= older_than:
+                    found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def scratch_entries(older_than: float | None = None) -> list[str]:
+    out = []
+    try:
+        for e in os.scandir(SCRATCH):
+            try:
+                if older_than is None or e.stat(follow_symlinks=False).st_mtime <= older_than:
+                    out.append(e.path)
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def assert_nothing_left(since: float, timeout: float = 3.0) -> None:
+    """No sandbox process created before `since` (the end of the call under test) and no scratch directory
+    from before it survives; waits a bounded time for the runner's cleanup."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = sandbox_processes(older_than=since)
+        dirs = scratch_entries(older_than=since)
+        if not procs and not dirs:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind: processes {[(p.pid, p.info) for p in procs]}, scratch {dirs}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def make_server() -> Iterator:
+    servers: list[Server] = []
+
+    def factory(**kw) -> Server:
+        s = Server(**kw)
+        servers.append(s)
+        return s
+
+    yield factory
+    for s in servers:
+        s.stop()
+
+
+__all__ = ["Server", "assert_nothing_left", "dedent", "free_port", "sandbox_processes", "scratch_entries"]
+_ = sys
