@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 MARKER = "FNBOX_BENCH_RESULT "
@@ -130,7 +130,13 @@ def run_wrk(
         log_path.write_text(f"$ {' '.join(argv)}\n{proc.stdout}\n{proc.stderr}")
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return parse_wrk_output(proc.stdout)
+    result = parse_wrk_output(proc.stdout)
+    if result.requests == 0:
+        # wrk counts a stuck request as a timeout only when its 2 s check timer fires after the timeout has
+        # passed, which a short run may end before: a run in which no response arrived must still count as
+        # failed, with at least one error per connection.
+        result = replace(result, socket_errors=max(result.socket_errors, scenario.connections))
+    return result
 
 
 def parse_wrk_output(stdout: str) -> WrkResult:

@@ -37,11 +37,15 @@ GUNICORN_CONF = REPO / "ops" / "gunicorn.conf.py"
 ALL_SERVERS = ("seed", "spawn", "fnbox")
 INFLIGHT_FUNCTION = "sleep2"
 INFLIGHT_SECONDS = 2.0
-# Only the I/O-bound scenario needs more than fnbox's default per-function concurrency: 32 connections.
+# fnbox's default max_concurrency (8) would answer 503 busy beyond 8 calls of one function: sleep100 is
+# driven with 32 connections and sleep2 with up to 16 concurrent calls for the memory measurement. hello
+# and echo keep every default (they run at 8 connections at most).
 FUNCTIONS_TOML = """\
-# Written by bench/run.py. sleep100 is driven with 32 connections, so it may run 32 calls at once;
-# every other function keeps fnbox's defaults.
+# Written by bench/run.py for the benchmark's copy of the profiles.
 [sleep100]
+max_concurrency = 32
+
+[sleep2]
 max_concurrency = 32
 """
 
@@ -125,6 +129,9 @@ def gunicorn_settings(workers: int | None, threads: int | None) -> GunicornSetti
 
 def prepare_workdir(tmp: Path) -> dict[str, Path]:
     """Lay out the functions package, the fnbox profiles dir, wrk scripts and a logs dir under tmp."""
+    # mkdtemp makes the dir 0700, but fnbox runs each call as its own unprivileged uid, which must be able to
+    # reach and read the function files; copytree keeps the sources' (world-readable) modes.
+    tmp.chmod(0o755)
     functions = tmp / "functions"
     shutil.copytree(BENCH_DIR / "functions", functions, ignore=shutil.ignore_patterns("__pycache__"))
     profiles = tmp / "profiles"
@@ -145,8 +152,6 @@ def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) 
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FNBOX_")}
-    # Every server gets --no-control-socket: Gunicorn 27 otherwise binds one fixed path
-    # (~/.gunicorn/gunicorn.ctl), which side-by-side servers (or a `make run` instance) would fight over.
     if name == "fnbox":
         env.update(
             FNBOX_BIND=f"127.0.0.1:{port}",
@@ -155,7 +160,7 @@ def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) 
             FNBOX_WORKERS=str(settings.workers),
             FNBOX_THREADS=str(settings.threads),
         )
-        argv = [gunicorn, "-c", str(GUNICORN_CONF), "--no-control-socket"]
+        argv = [gunicorn, "-c", str(GUNICORN_CONF)]
         cwd = REPO
     else:
         argv = [
@@ -172,6 +177,8 @@ def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) 
             str(paths["root"]),  # the seed's layout: the functions package in the working dir
             "--pythonpath",
             str(BENCH_DIR),
+            # Gunicorn 27 otherwise binds one fixed control socket path (~/.gunicorn/gunicorn.ctl) that
+            # side-by-side servers would fight over; ops/gunicorn.conf.py disables it for fnbox likewise.
             "--no-control-socket",
         ]
         if settings.keepalive is not None:
