@@ -11,8 +11,10 @@ $(VENV)/bin/python:
 	# --copies is not used: the venv's python is a symlink to the real binary, never a version-manager shim.
 	"$$($(PYTHON) -c 'import os,sys; print(os.path.realpath(sys.executable))')" -m venv $(VENV)
 
-$(STAMP): requirements.txt | $(VENV)/bin/python
-	$(VENV)/bin/pip install -q -r requirements.txt
+$(STAMP): requirements.txt pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -r requirements.txt wheel==0.45.1
+	# The `fnbox` command (cli/main.py) as a console script in .venv/bin; the code stays in the repo.
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(DEVSTAMP): $(STAMP) requirements-dev.txt

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from gateway import admin, metrics
 from gateway.admission import ConcurrencyLimiter
-from gateway.errors import error_response
+from gateway.deploy import FunctionStore
+from gateway.errors import GatewayError, error_response
+from gateway.history import History
 from gateway.routes import bp
 from runner.config import Settings
 from runner.profiles import ProfileStore
@@ -27,17 +30,37 @@ class Runtime:
     profiles: ProfileStore
     supervisor: Supervisor
     limiter: ConcurrencyLimiter
+    store: FunctionStore
+    history: History
+    admin_token: str | None
 
 
 def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     settings = settings or Settings.from_env()
     profiles = ProfileStore(settings.profiles_dir)  # raises ProfileError: the server refuses to start
-    supervisor = Supervisor(settings)
+    supervisor = Supervisor(settings, on_restart=metrics.RESTARTS.inc)
     os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
-    rt = Runtime(settings, profiles, supervisor, ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency")))
+    os.makedirs(settings.data_dir, mode=0o711, exist_ok=True)
+    history = History(os.path.join(settings.data_dir, "history.sqlite3"), settings.history_max_rows,
+                      settings.history_max_age_days)
+    rt = Runtime(settings, profiles, supervisor, ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency")),
+                 FunctionStore(settings.functions_dir, settings.data_dir), history,
+                 os.environ.get("FNBOX_ADMIN_TOKEN") or None)
     app = Flask("fnbox")
     app.extensions["fnbox"] = rt
     app.register_blueprint(bp)
+    if rt.admin_token:
+        app.register_blueprint(admin.bp)
+
+    @app.get("/metrics")
+    def _metrics() -> Response:
+        data, ctype = metrics.render()
+        return Response(data, content_type=ctype)
+
+    @app.errorhandler(GatewayError)
+    def _gateway_error(e: GatewayError) -> Response:
+        rid = g.get("request_id") or uuid.uuid4().hex
+        return error_response(e.code, e.message, function=g.get("function"), request_id=rid, **e.extra)
 
     @app.before_request
     def _assign_request_id() -> None:
@@ -61,4 +84,5 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     if start:
         supervisor.start()
         atexit.register(supervisor.close)
+        atexit.register(history.close)
     return app

@@ -26,7 +26,7 @@ def log_call(*, request_id: str, function: str, method: str, path: str, status: 
     record: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "request_id": request_id, "function": function,
         "method": method, "path": path, "status": status, "outcome": outcome,
-        "duration_ms": round(duration_ms, 2),
+        "duration_ms": round(duration_ms, 2), "cpu_ms": None, "max_rss_kb": None,  # null: no process ran
     }
     if result is not None:
         output = result.output.decode("utf-8", "replace")

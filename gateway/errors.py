@@ -21,6 +21,11 @@ STATUS = {
     "request_too_large": 413,
     "method_not_allowed": 405,
     "bad_request": 400,
+    "unauthorized": 401,
+    "invalid_name": 400,
+    "syntax_error": 422,
+    "invalid_archive": 422,
+    "no_version": 404,
 }
 
 

@@ -7,6 +7,7 @@ import time
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from gateway import metrics
 from gateway.calllog import log_call
 from gateway.errors import GatewayError, error_response
 from gateway.messages import environ_message, read_body, to_response
@@ -46,11 +47,13 @@ def invoke(name: str, subpath: str) -> Response:
                                               "(max_concurrency)")
         inv = Invocation(name, rt.settings.functions_dir, profile, environ_message(request, body), body,
                          g.request_id)
+        metrics.IN_FLIGHT.inc()
         try:
             result = rt.supervisor.call(inv)
         except Unavailable as e:
             raise GatewayError(outcomes.UNAVAILABLE, str(e)) from None
         finally:
+            metrics.IN_FLIGHT.dec()
             rt.limiter.release(token)
         if result.outcome == outcomes.OK:
             resp = to_response(result)
@@ -73,8 +76,14 @@ def invoke(name: str, subpath: str) -> Response:
         fn_ms = max(0.0, result.wall_ms - result.sandbox_ms)
         resp.headers["Server-Timing"] = (f"total;dur={total_ms:.2f}, sandbox;dur={result.sandbox_ms:.2f}, "
                                          f"function;dur={fn_ms:.2f}")
-    log_call(request_id=g.request_id, function=name, method=request.method, path=request.path,
-             status=resp.status_code, outcome=outcome, duration_ms=total_ms, result=result, message=message)
+    record = log_call(request_id=g.request_id, function=name, method=request.method, path=request.path,
+                      status=resp.status_code, outcome=outcome, duration_ms=total_ms, result=result,
+                      message=message)
+    if outcome != outcomes.NOT_FOUND:  # only real functions become metric labels and history rows
+        metrics.observe(name, outcome, resp.status_code, total_ms / 1000, result.max_rss_kb if result else None)
+        record["time"] = time.time()
+        record["version"] = rt.store.current(name)
+        rt.history.record(record)
     return resp
 
 

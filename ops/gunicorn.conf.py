@@ -28,6 +28,29 @@ proc_name = "fnbox"
 forwarded_allow_ips = os.environ.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
 
+def _metrics_dir():
+    # prometheus_client's multiprocess mode: one fresh directory per server, set before any worker exists.
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fnbox-metrics-")
+
+
+_metrics_dir()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    import shutil
+
+    shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+
+
 def on_starting(server):
     # Refuse to start with an invalid profile folder, saying which file, key and why.
     from runner.config import Settings
@@ -45,6 +68,7 @@ def worker_exit(server, worker):
     rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
     if rt is not None:
         rt.supervisor.close()
+        rt.history.close()
 
 # Gunicorn's runtime control socket is not used by fnbox; one fixed path would also collide between servers.
 control_socket_disable = True

@@ -164,6 +164,12 @@ def warm() -> None:
 def main(functions_dir: str, name: str, max_response_kb: int) -> None:
     """Entry point in the forked, sandboxed child. Never returns."""
     tempfile.tempdir = None  # TMPDIR was just changed to the call's scratch dir
+    # stdout is a pipe, so block-buffered: a print() before a timeout, a crash or os._exit() would die in the
+    # buffer and never reach the log. Line-buffered, like stderr already is.
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError, OSError):
+        pass
     oom_frame = encode_frame(_error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
     code = 0
     try:

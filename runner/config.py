@@ -36,6 +36,9 @@ class Settings:
     uid_base: int  # sandbox slot i runs as uid/gid uid_base + i (only when the server runs as root)
     slots: int  # size of the machine-wide sandbox slot pool (uids and cgroups)
     python: str  # the interpreter the fork server runs on: the venv's real binary, never a shim
+    data_dir: str  # persistent: deployed versions and the call history database
+    history_max_rows: int
+    history_max_age_days: int
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -43,16 +46,20 @@ class Settings:
         root = os.geteuid() == 0
         state_default = "/run/fnbox" if root else f"/tmp/fnbox-{os.geteuid()}"
         state = os.path.abspath(env.get("FNBOX_STATE_DIR") or state_default)
+        scratch_default = "/var/tmp/fnbox-scratch" if root else f"/tmp/fnbox-scratch-{os.geteuid()}"
         return cls(
             functions_dir=os.path.abspath(env.get("FNBOX_FUNCTIONS_DIR") or os.path.join(REPO_ROOT, "functions")),
             profiles_dir=os.path.abspath(
                 env.get("FNBOX_PROFILES_DIR") or os.path.join(REPO_ROOT, "sandbox_profiles")
             ),
             state_dir=state,
-            scratch_dir=os.path.abspath(env.get("FNBOX_SCRATCH_DIR") or "/var/tmp/fnbox-scratch"),
+            scratch_dir=os.path.abspath(env.get("FNBOX_SCRATCH_DIR") or scratch_default),
             uid_base=_int(env, "FNBOX_UID_BASE", 61000, minimum=1000),
             slots=_int(env, "FNBOX_SANDBOX_SLOTS", 256, minimum=1),
             python=env.get("FNBOX_PYTHON") or _real_python(),
+            data_dir=os.path.abspath(env.get("FNBOX_DATA_DIR") or os.path.join(REPO_ROOT, "var")),
+            history_max_rows=_int(env, "FNBOX_HISTORY_MAX_ROWS", 100_000, minimum=1),
+            history_max_age_days=_int(env, "FNBOX_HISTORY_MAX_AGE_DAYS", 30, minimum=1),
         )
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,10 +136,13 @@ class _ForkServerProcess:
             w.set({"op": "exit", "outcome": outcomes.CRASHED, "message": message, "runner_died": True})
 
     def kill(self) -> None:
-        try:
-            self.sock.close()  # EOF: the fork server kills its calls and exits by itself
-        except OSError:
-            pass
+        # EOF: the fork server kills its calls and exits by itself. shutdown() first: a bare close() while the
+        # reader thread is blocked in recv() on this socket keeps it open, and the fork server never sees EOF.
+        for end in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
+            try:
+                end()
+            except OSError:
+                pass
         try:
             self.proc.wait(timeout=6)
         except subprocess.TimeoutExpired:
@@ -147,8 +151,9 @@ class _ForkServerProcess:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_restart: Callable[[], object] | None = None) -> None:
         self.settings = settings
+        self._on_restart = on_restart
         self._lock = threading.Lock()
         self._fs: _ForkServerProcess | None = None
         self._ids = itertools.count(1)
@@ -203,6 +208,8 @@ class Supervisor:
             fs.proc.wait(timeout=5)
         if not self._closing:
             self.restarts += 1
+            if self._on_restart:
+                self._on_restart()
             print(f"fnbox: fork server {fs.pid} exited ({fs.proc.returncode}); restarting", file=sys.stderr)
             try:
                 self.start()

@@ -1,0 +1,132 @@
+"""The admin API: deploy, versions, rollback, delete, listing and call history.
+
+Registered only when FNBOX_ADMIN_TOKEN is set (otherwise every /admin/... path is a plain 404). Every call
+needs `Authorization: Bearer <token>`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from gateway.deploy import DeployError, valid_name
+from gateway.errors import GatewayError
+from runner.profiles import function_names
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+MAX_DEPLOY_BYTES = 20 * 1024 * 1024
+
+
+@bp.before_request
+def _authenticate() -> None:
+    token = current_app.extensions["fnbox"].admin_token
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise GatewayError("unauthorized", "a valid `Authorization: Bearer <token>` header is required")
+
+
+def _rt():
+    return current_app.extensions["fnbox"]
+
+
+def _check_name(name: str) -> None:
+    g.function = name
+    if not valid_name(name):
+        raise GatewayError("invalid_name", f"{name!r} is not a valid function name")
+
+
+def _deploy_error(e: DeployError) -> GatewayError:
+    return GatewayError(e.code, e.message, **e.extra)
+
+
+@bp.put("/functions/<name>")
+def deploy(name: str) -> tuple[Response, int]:
+    _check_name(name)
+    if request.content_length is not None and request.content_length > MAX_DEPLOY_BYTES:
+        raise GatewayError("request_too_large", "a deploy is at most 20 MiB")
+    data = request.stream.read(MAX_DEPLOY_BYTES + 1)
+    if len(data) > MAX_DEPLOY_BYTES:
+        raise GatewayError("request_too_large", "a deploy is at most 20 MiB")
+    try:
+        version = _rt().store.deploy(name, data)
+    except DeployError as e:
+        raise _deploy_error(e) from None
+    return jsonify({"function": name, **version.to_dict()}), 201
+
+
+@bp.get("/functions/<name>/versions")
+def versions(name: str) -> Response:
+    _check_name(name)
+    store = _rt().store
+    vs = store.versions(name)
+    if not vs:
+        raise GatewayError("not_found", f"{name!r} has no deployed versions")
+    return jsonify({"function": name, "current": store.current(name), "versions": [v.to_dict() for v in vs]})
+
+
+@bp.post("/functions/<name>/rollback")
+def rollback(name: str) -> Response:
+    _check_name(name)
+    raw = request.args.get("version")
+    if raw is not None and not raw.isdigit():
+        raise GatewayError("bad_request", "version must be a positive integer")
+    try:
+        v = _rt().store.rollback(name, int(raw) if raw else None)
+    except DeployError as e:
+        raise _deploy_error(e) from None
+    return jsonify({"function": name, "current": v.version, **v.to_dict()})
+
+
+@bp.delete("/functions/<name>")
+def delete(name: str) -> Response:
+    _check_name(name)
+    if not _rt().store.delete(name):
+        raise GatewayError("not_found", f"no function named {name!r}")
+    return jsonify({"function": name, "deleted": True})
+
+
+@bp.get("/functions")
+def listing() -> Response:
+    rt = _rt()
+    rt.history.flush(1.0)
+    counts = rt.history.counts()
+    pset = rt.profiles.current()
+    out = []
+    for name in function_names(rt.settings.functions_dir):
+        vs = {v.version: v for v in rt.store.versions(name)}
+        cur = rt.store.current(name)
+        c = counts.get(name, {})
+        out.append({"name": name, "version": cur,
+                    "deployed_at": vs[cur].to_dict()["deployed"] if cur in vs else None,
+                    "limits": pset.for_function(name).to_dict(), "calls": sum(c.values()),
+                    "errors": sum(n for k, n in c.items() if k != "ok"), "calls_by_outcome": c})
+    return jsonify({"functions": out})
+
+
+@bp.get("/functions/<name>/calls")
+def calls(name: str) -> Response:
+    _check_name(name)
+    raw = request.args.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise GatewayError("bad_request", "limit must be an integer from 1 to 1000")
+    rt = _rt()
+    rt.history.flush(1.0)
+    return jsonify({"function": name, "calls": rt.history.calls(name, int(raw), request.args.get("outcome"))})
+
+
+@bp.get("/calls/<request_id>")
+def call(request_id: str) -> Response:
+    rt = _rt()
+    rt.history.flush(1.0)
+    rec = rt.history.call(request_id)
+    if rec is None:
+        raise GatewayError("not_found", f"no call with request id {request_id!r}")
+    return jsonify(rec)
+
+
+@bp.after_request
+def _no_store(resp: Response) -> Response:
+    resp.headers["Cache-Control"] = "no-store"
+    return resp

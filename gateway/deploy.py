@@ -1,0 +1,273 @@
+"""Deploying functions: validation, versions, and an atomic switch of what `/function/<name>` runs.
+
+Every deploy is kept as an immutable version directory `<data>/versions/<name>/<N>/` (the last KEEP
+versions). What is live is, in the functions folder, either `<name>.py` (a single module, replaced with
+rename(2)) or `<name>` as a symlink to a version directory (a package, re-pointed with rename(2) of a new
+symlink). Both switches are one atomic rename: a call starting during a deploy sees the old version or the
+new one; the child resolves a package's symlink once, so a call in flight never mixes two versions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+KEEP = 10
+MAX_ARCHIVE_BYTES = 20 * 1024 * 1024  # unpacked size
+MAX_ARCHIVE_FILES = 2000
+
+
+class DeployError(Exception):
+    """A deploy refused before anything changed. `code` is the API's stable error code."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+
+def valid_name(name: str) -> bool:
+    return name.isidentifier() and not name.startswith("_")
+
+
+def _compile(source: bytes, filename: str) -> None:
+    try:
+        compile(source, filename, "exec", dont_inherit=True)
+    except SyntaxError as e:
+        raise DeployError("syntax_error", f"{filename}: {e.msg}", line=e.lineno, file=filename) from None
+    except ValueError as e:  # source with NUL bytes
+        raise DeployError("syntax_error", f"{filename}: {e}", line=None, file=filename) from None
+
+
+def _archive_members(data: bytes) -> dict[str, bytes]:
+    """Reads a .zip or .tar.gz fully in memory after checking every member; returns {relative path: bytes}."""
+    files: dict[str, bytes] = {}
+    total = 0
+
+    def check(name: str, size: int) -> str:
+        nonlocal total
+        if name.startswith("/") or "\\" in name or any(p in ("..",) for p in name.split("/")):
+            raise DeployError("invalid_archive", f"unsafe path in archive: {name!r}")
+        total += size
+        if total > MAX_ARCHIVE_BYTES or len(files) >= MAX_ARCHIVE_FILES:
+            raise DeployError("invalid_archive", "archive too large (at most 20 MiB and 2000 files unpacked)")
+        return name.lstrip("./") if name.startswith("./") else name
+
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for info in zf.infolist():
+                    mode = (info.external_attr >> 16) & 0o170000
+                    if mode and mode not in (0o100000, 0o040000):
+                        raise DeployError("invalid_archive", f"links and special files are refused: {info.filename!r}")
+                    name = check(info.filename, info.file_size)
+                    if info.is_dir():
+                        continue
+                    content = zf.read(info)
+                    if len(content) != info.file_size:
+                        raise DeployError("invalid_archive", "archive sizes do not match its contents")
+                    files[name] = content
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise DeployError("invalid_archive", f"not a readable zip: {e}") from None
+    elif data[:2] == b"\x1f\x8b":
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+                for m in tf.getmembers():
+                    if not (m.isfile() or m.isdir()):
+                        raise DeployError("invalid_archive", f"links and special files are refused: {m.name!r}")
+                    name = check(m.name, m.size)
+                    if m.isfile():
+                        f = tf.extractfile(m)
+                        files[name] = f.read() if f else b""
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DeployError("invalid_archive", f"not a readable .tar.gz: {e}") from None
+    else:
+        raise DeployError("invalid_archive", "not a .zip or .tar.gz archive")
+    files = {k.rstrip("/"): v for k, v in files.items() if k.rstrip("/")}
+    # Accept both a package's contents at the top and a single top-level folder holding them.
+    if "__init__.py" not in files:
+        tops = {k.split("/", 1)[0] for k in files}
+        if len(tops) == 1 and f"{next(iter(tops))}/__init__.py" in files:
+            top = next(iter(tops)) + "/"
+            files = {k[len(top):]: v for k, v in files.items() if k.startswith(top)}
+    if "__init__.py" not in files:
+        raise DeployError("invalid_archive", "the archive has no __init__.py at its top")
+    return files
+
+
+def is_archive(data: bytes) -> bool:
+    return data[:4] == b"PK\x03\x04" or data[:2] == b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Version:
+    version: int
+    kind: str  # "module" or "package"
+    deployed_at: float
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "kind": self.kind, "deployed_at": self.deployed_at,
+                "deployed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.deployed_at)), "size": self.size}
+
+
+class FunctionStore:
+    def __init__(self, functions_dir: str, data_dir: str) -> None:
+        self.functions_dir = functions_dir
+        self.versions_dir = os.path.join(data_dir, "versions")
+        os.makedirs(self.versions_dir, mode=0o755, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.versions_dir, name)
+
+    def versions(self, name: str) -> list[Version]:
+        out = []
+        try:
+            entries = os.listdir(self._dir(name))
+        except FileNotFoundError:
+            return []
+        for e in entries:
+            if e.isdigit():
+                try:
+                    with open(os.path.join(self._dir(name), e, "meta.json")) as f:
+                        meta = json.load(f)
+                    out.append(Version(int(e), meta["kind"], meta["deployed_at"], meta["size"]))
+                except (OSError, ValueError, KeyError):
+                    continue
+        return sorted(out, key=lambda v: v.version)
+
+    def current(self, name: str) -> int | None:
+        try:
+            with open(os.path.join(self._dir(name), "current")) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    # -- changing ------------------------------------------------------------------------------------------
+    def _lock(self, name: str) -> int:
+        os.makedirs(self._dir(name), mode=0o755, exist_ok=True)
+        fd = os.open(os.path.join(self._dir(name), ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # deploys of one function are serialised across workers
+        return fd
+
+    def deploy(self, name: str, data: bytes) -> Version:
+        if not valid_name(name):
+            raise DeployError("invalid_name", f"{name!r} is not a valid function name (a Python identifier "
+                                              "not starting with _)")
+        if is_archive(data):
+            files = _archive_members(data)
+            for path, content in files.items():
+                if path.endswith(".py"):
+                    _compile(content, path)
+            kind = "package"
+        else:
+            _compile(data, f"{name}.py")
+            files = {f"{name}.py": data}
+            kind = "module"
+        fd = self._lock(name)
+        try:
+            existing = self.versions(name)
+            number = (existing[-1].version if existing else 0) + 1
+            vdir = os.path.join(self._dir(name), str(number))
+            tmp = tempfile.mkdtemp(prefix=".new-", dir=self._dir(name))
+            for path, content in files.items():
+                dest = os.path.join(tmp, path)
+                os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+                with open(dest, "wb") as f:
+                    f.write(content)
+                os.chmod(dest, 0o644)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"kind": kind, "deployed_at": time.time(), "size": sum(map(len, files.values()))}, f)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, vdir)
+            self._activate(name, number)
+            self._prune(name)
+            return next(v for v in self.versions(name) if v.version == number)
+        finally:
+            os.close(fd)
+
+    def rollback(self, name: str, version: int | None = None) -> Version:
+        fd = self._lock(name)
+        try:
+            versions = self.versions(name)
+            cur = self.current(name)
+            if version is None:
+                older = [v for v in versions if cur is None or v.version < cur]
+                if not older:
+                    raise DeployError("no_version", f"{name!r} has no version before {cur}")
+                target = older[-1]
+            else:
+                match = [v for v in versions if v.version == version]
+                if not match:
+                    raise DeployError("no_version", f"{name!r} has no version {version}")
+                target = match[0]
+            self._activate(name, target.version)
+            return target
+        finally:
+            os.close(fd)
+
+    def delete(self, name: str) -> bool:
+        fd = self._lock(name)
+        try:
+            found = False
+            for path in (os.path.join(self.functions_dir, name + ".py"), os.path.join(self.functions_dir, name)):
+                if os.path.islink(path) or os.path.isfile(path):
+                    os.unlink(path)
+                    found = True
+                elif os.path.isdir(path):
+                    shutil.rmtree(path)
+                    found = True
+            try:
+                os.unlink(os.path.join(self._dir(name), "current"))
+            except FileNotFoundError:
+                pass
+            return found
+        finally:
+            os.close(fd)
+
+    def _activate(self, name: str, number: int) -> None:
+        vdir = os.path.join(self._dir(name), str(number))
+        with open(os.path.join(vdir, "meta.json")) as f:
+            kind = json.load(f)["kind"]
+        module = os.path.join(self.functions_dir, name + ".py")
+        package = os.path.join(self.functions_dir, name)
+        if kind == "module":
+            tmp = os.path.join(self.functions_dir, f".{name}.py.deploy")
+            shutil.copyfile(os.path.join(vdir, name + ".py"), tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, module)  # the switch
+            # A package of the same name would win the import: removing it is the switch in that case.
+            if os.path.islink(package):
+                os.unlink(package)
+            elif os.path.isdir(package):
+                shutil.rmtree(package)
+        else:
+            if os.path.isdir(package) and not os.path.islink(package):
+                shutil.rmtree(package)  # a hand-made package folder becomes a managed one
+            tmp = os.path.join(self.functions_dir, f".{name}.deploy")
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(vdir, tmp)
+            os.replace(tmp, package)  # the switch
+            if os.path.exists(module):
+                os.unlink(module)
+        ptr = os.path.join(self._dir(name), ".current.tmp")
+        with open(ptr, "w") as f:
+            f.write(str(number))
+        os.replace(ptr, os.path.join(self._dir(name), "current"))
+
+    def _prune(self, name: str) -> None:
+        versions = self.versions(name)
+        cur = self.current(name)
+        for v in versions[:-KEEP]:
+            if v.version != cur:
+                shutil.rmtree(os.path.join(self._dir(name), str(v.version)), ignore_errors=True)
