@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
 import uuid
@@ -43,7 +44,11 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     os.makedirs(settings.data_dir, mode=0o711, exist_ok=True)
     history = History(os.path.join(settings.data_dir, "history.sqlite3"), settings.history_max_rows,
                       settings.history_max_age_days)
-    rt = Runtime(settings, profiles, supervisor, ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency")),
+    # The state dir is machine-wide (the sandbox slots are), but max_concurrency is per server: another fnbox
+    # instance's function of the same name must not take this one's places. Workers of one server share them.
+    instance = hashlib.sha256(os.path.realpath(settings.functions_dir).encode()).hexdigest()[:16]
+    limiter = ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency", instance))
+    rt = Runtime(settings, profiles, supervisor, limiter,
                  FunctionStore(settings.functions_dir, settings.data_dir), history,
                  os.environ.get("FNBOX_ADMIN_TOKEN") or None)
     app = Flask("fnbox")

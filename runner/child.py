@@ -65,6 +65,20 @@ def _load(functions_dir: str, name: str) -> types.ModuleType:
         pkg = types.ModuleType(PACKAGE)
         pkg.__path__ = [functions_dir]
         sys.modules[PACKAGE] = pkg
+    target = os.path.join(functions_dir, name)
+    if os.path.islink(target):
+        # A deployed package: resolve its symlink once, so that a deploy switching it during this call can
+        # never give us __init__ from one version and a submodule from another.
+        real = os.path.realpath(target)
+        spec = importlib.util.spec_from_file_location(f"{PACKAGE}.{name}", os.path.join(real, "__init__.py"),
+                                                      submodule_search_locations=[real])
+        if spec is None or spec.loader is None or not os.path.isfile(os.path.join(real, "__init__.py")):
+            raise ModuleNotFoundError(f"No module named '{PACKAGE}.{name}'", name=f"{PACKAGE}.{name}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        setattr(pkg, name, module)
+        spec.loader.exec_module(module)
+        return module
     return importlib.import_module(f"{PACKAGE}.{name}")
 
 

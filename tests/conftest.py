@@ -55,10 +55,13 @@ class Server:
             self.write_function(name, src)
         for name, text in (profiles or {}).items():
             self.write_profile(name, text)
+        # Deployed versions and call history: per server, readable by sandbox uids (packages are symlinks there).
+        self.data_dir = tempfile.mkdtemp(prefix="fnbox-test-data-", dir="/tmp")
+        os.chmod(self.data_dir, 0o755)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
-                        FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_WORKERS=str(workers),
+                        FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_DATA_DIR=self.data_dir, FNBOX_WORKERS=str(workers),
                         FNBOX_THREADS=str(threads), **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="fnbox-test-log-"), "server.log")
@@ -150,6 +153,7 @@ class Server:
     def _cleanup_dirs(self) -> None:
         shutil.rmtree(self.functions_dir, ignore_errors=True)
         shutil.rmtree(self.profiles_dir, ignore_errors=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def sandbox_processes(older_than: float | None = None) -> list[psutil.Process]:
