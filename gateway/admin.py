@@ -7,11 +7,12 @@ needs `Authorization: Bearer <token>`, compared in constant time.
 from __future__ import annotations
 
 import hmac
+import sqlite3
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from gateway.deploy import DeployError, valid_name
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_response
 from runner.profiles import function_names
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -124,6 +125,13 @@ def call(request_id: str) -> Response:
     if rec is None:
         raise GatewayError("not_found", f"no call with request id {request_id!r}")
     return jsonify(rec)
+
+
+@bp.errorhandler(sqlite3.Error)
+def _history_error(e: sqlite3.Error) -> Response:
+    # A locked or broken history database: a clear 503, not an internal error.
+    return error_response("unavailable", f"the call history cannot be read right now: {e}",
+                          function=g.get("function"), request_id=g.get("request_id") or "")
 
 
 @bp.after_request

@@ -23,6 +23,23 @@ from runner.profiles import ProfileStore
 from runner.supervisor import Supervisor
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DRAIN_MAX = 64 * 1024 * 1024
+
+
+def _drain(resp: Response) -> None:
+    """Reads what is left of a refused request's body (413, 401, ...) before answering. Answering with the body
+    unread makes Gunicorn close the connection under the client, which nginx then reports as a 502 instead of
+    our JSON error. A body too large to be worth reading gets `Connection: close` instead."""
+    length = request.content_length
+    if not length:
+        return
+    if length > DRAIN_MAX:
+        resp.headers["Connection"] = "close"
+        return
+    try:
+        request.stream.exhaust()
+    except Exception:
+        resp.headers["Connection"] = "close"
 
 
 @dataclass
@@ -76,6 +93,7 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     @app.after_request
     def _tag(resp: Response) -> Response:
         resp.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        _drain(resp)
         return resp
 
     @app.errorhandler(HTTPException)

@@ -1,12 +1,21 @@
-"""Call history in SQLite (WAL mode), written off the request path, safe with several Gunicorn workers.
+"""Call history in SQLite (WAL mode), written by one thread per worker, safe with several Gunicorn workers.
 
-Each worker queues its records; one writer thread per worker inserts them in batches. A locked or corrupt
-database costs a logged warning and the lost records are counted, never a failed call or a crashed worker;
-the writer reopens the database on its next batch, so history resumes once the cause is gone.
+Each worker queues its records; one writer thread per worker inserts them in batches (concurrent calls share
+one transaction). A call's record() returns once its record is committed (bounded by wait_s), so the client's
+next request finds it whichever worker answers. A locked or corrupt database costs a logged warning and the
+lost records are counted, never a failed call or a crashed worker; while it fails, calls do not wait for it,
+and the writer reopens the database on its next batch, so history resumes once the cause is gone.
+
+Retention (max_rows, max_age_days) is applied every PRUNE_EVERY records under load and whenever a worker's
+queue drains, so once calls stop the table holds at most max_rows rows.
+
+The database holds every function's output: it is created 0600, because sandboxed calls run on the same
+filesystem (SQLite gives the -wal and -shm files the database file's mode).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
 import sys
@@ -27,7 +36,7 @@ CREATE INDEX IF NOT EXISTS calls_function ON calls (function, id);
 CREATE INDEX IF NOT EXISTS calls_request ON calls (request_id);
 CREATE INDEX IF NOT EXISTS calls_time ON calls (time);
 """
-PRUNE_EVERY = 200  # inserts between two retention passes (per worker)
+PRUNE_EVERY = 200  # inserts between two retention passes (per worker) while its queue does not drain
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -38,39 +47,59 @@ def connect(path: str) -> sqlite3.Connection:
     return db
 
 
+def _make_private(path: str) -> None:
+    """Creates the database file 0600, or tightens one made before. Only before this process opens any SQLite
+    connection to it: closing any descriptor of a file drops every POSIX lock the process holds on it."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for p in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(p):
+                os.chmod(p, 0o600)
+    except OSError as e:
+        print(f"fnbox: call history: cannot make {path} private: {e}", file=sys.stderr)
+
+
 class History:
     def __init__(self, path: str, max_rows: int = 100_000, max_age_days: float = 30.0,
-                 queue_size: int = 10_000) -> None:
+                 queue_size: int = 10_000, wait_s: float = 1.0) -> None:
         self.path = path
         self.max_rows, self.max_age_s = max_rows, max_age_days * 86400
+        self.wait_s = wait_s
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
         self.dropped = 0
         self.error: str | None = None
         self._since_prune = 0
-        self._idle = threading.Event()
-        self._idle.set()
+        self._cond = threading.Condition()
+        self._queued = 0  # records accepted so far
+        self._done = 0  # of them, those the writer has finished with (committed or lost)
+        self._closed = False
+        _make_private(path)
         self._thread = threading.Thread(target=self._writer, name="fnbox-history", daemon=True)
         self._thread.start()
 
     # -- writing ---------------------------------------------------------------------------------------------
     def record(self, rec: dict[str, Any]) -> None:
-        try:
-            self._idle.clear()
-            self._queue.put_nowait(rec)
-        except queue.Full:
-            self.dropped += 1
+        """Queues one call's record and waits (at most wait_s; not at all while the database fails) until the
+        writer has committed it."""
+        with self._cond:
+            try:
+                self._queue.put_nowait(rec)
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._queued += 1
+            seq = self._queued
+            if self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
+                self._cond.wait_for(lambda: self._done >= seq, self.wait_s)
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Waits (bounded) until every queued record of this worker is written."""
-        deadline = time.monotonic() + timeout
-        while not (self._queue.empty() and self._idle.is_set()):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done >= self._queued, timeout)
 
     def close(self, timeout: float = 2.0) -> None:
         self.flush(timeout)
+        self._closed = True
         try:
             self._queue.put_nowait(None)
         except queue.Full:
@@ -101,10 +130,10 @@ class History:
                     db.executemany(
                         f"INSERT INTO calls ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
                         [tuple(r.get(c) for c in COLUMNS) for r in batch])
-                self._since_prune += len(batch)
-                if self._since_prune >= PRUNE_EVERY:
-                    self._since_prune = 0
-                    self.prune(db)
+                    self._since_prune += len(batch)
+                    if self._since_prune >= PRUNE_EVERY or self._queue.empty():
+                        self._prune(db)
+                        self._since_prune = 0
                 self.error = None
             except sqlite3.Error as e:
                 self.dropped += len(batch)
@@ -119,13 +148,14 @@ class History:
                         pass
                 db = None
             finally:
-                if self._queue.empty():
-                    self._idle.set()
+                with self._cond:
+                    self._done += len(batch)
+                    self._cond.notify_all()
 
-    def prune(self, db: sqlite3.Connection) -> None:
-        with db:
-            db.execute("DELETE FROM calls WHERE time < ?", (time.time() - self.max_age_s,))
-            db.execute("DELETE FROM calls WHERE id <= (SELECT MAX(id) FROM calls) - ?", (self.max_rows,))
+    def _prune(self, db: sqlite3.Connection) -> None:
+        """Retention, inside the writer's transaction: both deletes walk an index."""
+        db.execute("DELETE FROM calls WHERE time < ?", (time.time() - self.max_age_s,))
+        db.execute("DELETE FROM calls WHERE id <= (SELECT MAX(id) FROM calls) - ?", (self.max_rows,))
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _read(self, sql: str, args: tuple) -> list[dict[str, Any]]:

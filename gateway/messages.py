@@ -30,7 +30,7 @@ def read_body(request: Request, limit_kb: int) -> bytes:
     return data
 
 
-def environ_message(request: Request, body: bytes) -> dict[str, str]:
+def environ_message(request: Request, body: bytes, trusted_proxies: frozenset[str] = frozenset()) -> dict[str, str]:
     env = request.environ
     msg = {k: v for k, v in env.items() if k.startswith("HTTP_") and isinstance(v, str)}
     msg.pop("HTTP_TRANSFER_ENCODING", None)  # the body below is complete and has a length
@@ -40,6 +40,15 @@ def environ_message(request: Request, body: bytes) -> dict[str, str]:
             msg[key] = value
     if body or "CONTENT_LENGTH" in env or env.get("HTTP_TRANSFER_ENCODING"):
         msg["CONTENT_LENGTH"] = str(len(body))
+    if env.get("REMOTE_ADDR") in trusted_proxies:
+        # As werkzeug's ProxyFix(x_for=1, x_proto=1): the last X-Forwarded-For entry is the one our proxy added.
+        forwarded = env.get("HTTP_X_FORWARDED_FOR", "").split(",")[-1].strip()
+        if forwarded:
+            msg["REMOTE_ADDR"] = forwarded
+            msg.pop("REMOTE_PORT", None)
+        proto = env.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
+        if proto in ("http", "https"):
+            msg["wsgi.url_scheme"] = proto
     return msg
 
 

@@ -45,8 +45,8 @@ def invoke(name: str, subpath: str) -> Response:
         if token is None:
             raise GatewayError(outcomes.BUSY, f"{name!r} already has {profile.max_concurrency} calls in flight "
                                               "(max_concurrency)")
-        inv = Invocation(name, rt.settings.functions_dir, profile, environ_message(request, body), body,
-                         g.request_id)
+        environ = environ_message(request, body, rt.settings.forwarded_allow_ips)
+        inv = Invocation(name, rt.settings.functions_dir, profile, environ, body, g.request_id)
         metrics.IN_FLIGHT.inc()
         try:
             result = rt.supervisor.call(inv)

@@ -39,6 +39,9 @@ class Settings:
     data_dir: str  # persistent: deployed versions and the call history database
     history_max_rows: int
     history_max_age_days: int
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (nginx on this host), as Gunicorn's own
+    # forwarded_allow_ips: a function behind nginx sees the real client in request.remote_addr.
+    forwarded_allow_ips: frozenset[str]
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -60,6 +63,9 @@ class Settings:
             data_dir=os.path.abspath(env.get("FNBOX_DATA_DIR") or os.path.join(REPO_ROOT, "var")),
             history_max_rows=_int(env, "FNBOX_HISTORY_MAX_ROWS", 100_000, minimum=1),
             history_max_age_days=_int(env, "FNBOX_HISTORY_MAX_AGE_DAYS", 30, minimum=1),
+            forwarded_allow_ips=frozenset(
+                ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
+            ),
         )
 
 

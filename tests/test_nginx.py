@@ -287,8 +287,6 @@ def test_client_address_headers(proxy):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="the gateway does not apply ProxyFix: behind nginx, request.remote_addr is "
-                                       "nginx (127.0.0.1), not the client; remove this mark once it does")
 def test_remote_addr_is_the_real_client(proxy):
     status, _, body = proxy.fetch("/function/echo", headers={"X-Forwarded-For": "6.6.6.6"}, source=OUTSIDE)
     assert status == 200
