@@ -10,10 +10,16 @@ import fcntl
 import os
 import threading
 
+GLOBAL = "_all"  # not a valid function name, so it never collides with one
+
 
 class ConcurrencyLimiter:
-    def __init__(self, directory: str) -> None:
+    """Two caps, both answered with 503 busy before anything is forked: the function's max_concurrency, and the
+    server's global max_calls (FNBOX_MAX_CALLS) across all workers."""
+
+    def __init__(self, directory: str, max_calls: int) -> None:
         self.directory = directory
+        self.max_calls = max_calls
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._fds: dict[tuple[str, int], int] = {}
@@ -37,6 +43,17 @@ class ConcurrencyLimiter:
                 self._held.add(token)
                 return token
         return None
+
+    def admit(self, name: str, limit: int) -> tuple[tuple[str, int], tuple[str, int]] | str:
+        """Both places for one call, or the name of the cap that is full ("function" or "server")."""
+        own = self.acquire(name, limit)
+        if own is None:
+            return "function"
+        overall = self.acquire(GLOBAL, self.max_calls)
+        if overall is None:
+            self.release(own)
+            return "server"
+        return own, overall
 
     def release(self, token: tuple[str, int]) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from gateway.deploy import FunctionStore
 from gateway.errors import GatewayError, error_response
 from gateway.history import History
 from gateway.routes import bp
-from runner.config import Settings
+from runner.config import Settings, max_calls_for
 from runner.profiles import ProfileStore
 from runner.supervisor import Supervisor
 
@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     # The state dir is machine-wide (the sandbox slots are), but max_concurrency is per server: another fnbox
     # instance's function of the same name must not take this one's places. Workers of one server share them.
     instance = hashlib.sha256(os.path.realpath(settings.functions_dir).encode()).hexdigest()[:16]
-    limiter = ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency", instance))
+    limiter = ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency", instance),
+                                 max_calls_for(settings, profiles.current().profiles["default"].memory_mb))
     rt = Runtime(settings, profiles, supervisor, limiter,
                  FunctionStore(settings.functions_dir, settings.data_dir), history,
                  os.environ.get("FNBOX_ADMIN_TOKEN") or None)

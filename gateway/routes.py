@@ -35,16 +35,18 @@ def invoke(name: str, subpath: str) -> Response:
     t0 = time.monotonic()
     g.function = name
     result: CallResult | None = None
-    token = None
     try:
         if not function_exists(rt.settings.functions_dir, name):
             raise GatewayError(outcomes.NOT_FOUND, f"no function named {name!r}")
         profile = rt.profiles.for_function(name)
         body = read_body(request, profile.max_request_kb)
-        token = rt.limiter.acquire(name, profile.max_concurrency)
-        if token is None:
+        tokens = rt.limiter.admit(name, profile.max_concurrency)
+        if tokens == "function":
             raise GatewayError(outcomes.BUSY, f"{name!r} already has {profile.max_concurrency} calls in flight "
                                               "(max_concurrency)")
+        if tokens == "server":
+            raise GatewayError(outcomes.BUSY, f"the server already has {rt.limiter.max_calls} calls in flight "
+                                              "(FNBOX_MAX_CALLS)")
         environ = environ_message(request, body, rt.settings.forwarded_allow_ips)
         inv = Invocation(name, rt.settings.functions_dir, profile, environ, body, g.request_id)
         metrics.IN_FLIGHT.inc()
@@ -54,7 +56,8 @@ def invoke(name: str, subpath: str) -> Response:
             raise GatewayError(outcomes.UNAVAILABLE, str(e)) from None
         finally:
             metrics.IN_FLIGHT.dec()
-            rt.limiter.release(token)
+            for token in tokens:
+                rt.limiter.release(token)
         if result.outcome == outcomes.OK:
             resp = to_response(result)
         else:
@@ -97,6 +100,7 @@ def healthz() -> tuple[Response, int]:
         "fork_server_pid": rt.supervisor.pid,
         "fork_server_restarts": rt.supervisor.restarts,
         "calls_in_flight": pong.get("calls") if pong else None,
+        "max_calls": rt.limiter.max_calls,
         "sandbox": rt.supervisor.layers,
         "profiles_error": rt.profiles.error,
         "error": None if pong else (rt.supervisor.last_error or "the fork server does not answer"),

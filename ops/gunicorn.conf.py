@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 bind = [os.environ.get("FNBOX_BIND", "127.0.0.1:8000")]
-workers = int(os.environ.get("FNBOX_WORKERS", "2"))
+workers = int(os.environ.get("FNBOX_WORKERS", "2"))  # same defaults as runner.config.Settings
 worker_class = "gthread"
 threads = int(os.environ.get("FNBOX_THREADS", "32"))
 wsgi_app = "gateway.app:create_app()"
@@ -53,14 +53,18 @@ def on_exit(server):
 
 def on_starting(server):
     # Refuse to start with an invalid profile folder, saying which file, key and why.
-    from runner.config import Settings
+    from runner.config import ConfigError, Settings, max_calls_for
     from runner.profiles import ProfileError, load_profiles
 
     try:
-        load_profiles(Settings.from_env().profiles_dir)
-    except ProfileError as e:
-        print(f"fnbox: refusing to start: invalid profile: {e}", file=sys.stderr)
+        settings = Settings.from_env()
+        pset = load_profiles(settings.profiles_dir)
+    except (ProfileError, ConfigError) as e:
+        print(f"fnbox: refusing to start: invalid configuration: {e}", file=sys.stderr)
         sys.exit(3)
+    cap = max_calls_for(settings, pset.profiles["default"].memory_mb)
+    server.log.info("fnbox: at most %d calls in flight (FNBOX_MAX_CALLS%s), %d workers x %d threads", cap,
+                    "" if settings.max_calls else ", derived from memory and threads", workers, threads)
 
 
 def worker_exit(server, worker):

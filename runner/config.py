@@ -42,6 +42,9 @@ class Settings:
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (nginx on this host), as Gunicorn's own
     # forwarded_allow_ips: a function behind nginx sees the real client in request.remote_addr.
     forwarded_allow_ips: frozenset[str]
+    workers: int
+    threads: int
+    max_calls: int  # 0: derived from memory and threads, see max_calls_for()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -63,6 +66,9 @@ class Settings:
             data_dir=os.path.abspath(env.get("FNBOX_DATA_DIR") or os.path.join(REPO_ROOT, "var")),
             history_max_rows=_int(env, "FNBOX_HISTORY_MAX_ROWS", 100_000, minimum=1),
             history_max_age_days=_int(env, "FNBOX_HISTORY_MAX_AGE_DAYS", 30, minimum=1),
+            workers=_int(env, "FNBOX_WORKERS", 2, minimum=1),
+            threads=_int(env, "FNBOX_THREADS", 32, minimum=1),
+            max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),
@@ -75,3 +81,18 @@ def _real_python() -> str:
     import sys
 
     return sys.executable
+
+
+def max_calls_for(settings: Settings, default_memory_mb: int) -> int:
+    """The global cap on calls in flight (all workers). FNBOX_MAX_CALLS wins; otherwise the smaller of:
+    - what memory allows: three quarters of RAM divided by the default profile's memory_mb;
+    - what threads allow: every call holds a request thread, so the cap stays below workers x threads, leaving
+      threads free to answer /healthz and fast 503s instead of letting requests queue behind slow calls.
+    """
+    if settings.max_calls:
+        return settings.max_calls
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    by_memory = int(ram * 0.75 // (default_memory_mb * 1024 * 1024))
+    threads = settings.workers * settings.threads
+    by_threads = threads - max(settings.workers, threads // 8)
+    return max(1, min(by_memory, by_threads))
