@@ -104,9 +104,7 @@ def wrk_binary() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(
-    url: str, scenario: Scenario, script: Path, duration_s: float, log_path: Path | None = None
-) -> WrkResult:
+def run_wrk(url: str, scenario: Scenario, script: Path, duration_s: float, log_path: Path | None = None) -> WrkResult:
     """Run one wrk measurement, bounded at duration + 30 s; raises RuntimeError if wrk fails or hangs."""
     wrk = wrk_binary()
     if wrk is None:

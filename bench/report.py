@@ -23,10 +23,38 @@ from memstats import MB, InflightUss, TreePss
 SECTION_HEADING = "## Latest benchmark run"
 DOC_INTRO = """# Performance
 
-How fnbox's one-fresh-sandboxed-process-per-call design compares with the seed's in-process design (no
-isolation, the throughput ceiling) and with the naive isolated design of one new `python` per call (the
-floor). `make bench` (`.venv/bin/python bench/run.py`) regenerates the section below; everything outside that
-section is kept as written.
+fnbox runs every call in a fresh, sandboxed process. This page measures what that costs against two
+reference designs, on the same machine and under the same Gunicorn settings (gthread, the workers and
+threads of `ops/gunicorn.conf.py`):
+
+- **seed**: the seed write-up's design (`bench/seed_app.py`). The function is imported once and runs inside
+  the Gunicorn worker: no isolation at all, so it is the ceiling.
+- **spawn**: the naive way to isolate calls (`bench/spawn_app.py`, `bench/spawn_child.py`). A new `python`
+  process per call, the request in and the response out as JSON over stdin/stdout. The floor.
+- **fnbox**: the real server, `gunicorn -c ops/gunicorn.conf.py`, with a copy of `sandbox_profiles/` whose
+  `functions.toml` only raises `max_concurrency` to 32 for the two sleeping functions.
+
+## How to run
+
+`make bench`, or `.venv/bin/python bench/run.py` with any of `--quick` (1 round of 2 s), `--rounds N`
+(default 3), `--duration S` (default 5), `--servers seed,spawn,fnbox`, `--no-write` (leave this page
+alone), `--keep-tmp` (keep server and wrk logs). wrk must be installed (`bash ops/setup-system.sh`). A
+default run takes about five minutes and only ever talks to 127.0.0.1.
+
+## Method
+
+- The three servers run side by side on free loopback ports. wrk drives one at a time, alternating
+  seed, spawn, fnbox for every scenario of every round, and after each run the bench waits until the
+  server just measured is idle again, so a server still draining queued calls never slows the next one.
+- wrk shares the machine's cores with the servers, so absolute numbers are lower than with a separate
+  load generator; the ratios are the point. The run records how busy the CPU was outside the benchmark.
+- Errors are socket errors, wrk timeouts (a response slower than 2 s) and HTTP statuses >= 400. A call
+  that is slower than the timeout appears as an error and not in the latency columns.
+- Idle memory is the PSS summed over every process of a server (master, workers, fork servers), read
+  after a warm-up and again after all load; the targets use the larger. Pages shared by the servers
+  running side by side (the Python binary, libc) are split among all of them, so each server alone
+  would show slightly more. The memory an in-flight call adds is the USS of the processes that appear
+  while 16 calls of a function sleeping 2 s are in flight, divided by 16.
 """
 
 
@@ -97,9 +125,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: 
 
     sep = (
         "|"
-        + "|".join(
-            ("-" * (w + 1) + ":") if i >= right_from else ("-" * (w + 2)) for i, w in enumerate(widths)
-        )
+        + "|".join(("-" * (w + 1) + ":") if i >= right_from else ("-" * (w + 2)) for i, w in enumerate(widths))
         + "|"
     )
     return "\n".join([fmt(header), sep, *(fmt(r) for r in rows)])
@@ -152,9 +178,7 @@ def memory_table(mem: dict[str, MemoryRow], servers: Sequence[str]) -> str:
         out.append(
             [
                 name,
-                str(
-                    m.idle_after.processes if m.idle_after else m.idle_warm.processes if m.idle_warm else "—"
-                ),
+                str(m.idle_after.processes if m.idle_after else m.idle_warm.processes if m.idle_warm else "—"),
                 _num(m.idle_warm.pss_bytes / MB if m.idle_warm else None, 1),
                 _num(m.idle_after.pss_bytes / MB if m.idle_after else None, 1),
                 f"{inf.calls} ({inf.ok})" if inf else "—",
@@ -185,16 +209,12 @@ def target_checks(rows: dict[tuple[str, str], Row], mem: dict[str, MemoryRow]) -
     f, s, p = get("hello@8", "fnbox"), get("hello@8", "seed"), get("hello@8", "spawn")
     name = "hello@8: fnbox req/s >= 0.15 x seed"
     if f and s:
-        checks.append(
-            Check(name, f.rps >= 0.15 * s.rps, f"{f.rps:,.0f} vs 0.15 x {s.rps:,.0f} = {0.15 * s.rps:,.0f}")
-        )
+        checks.append(Check(name, f.rps >= 0.15 * s.rps, f"{f.rps:,.0f} vs 0.15 x {s.rps:,.0f} = {0.15 * s.rps:,.0f}"))
     else:
         checks.append(Check(name, None, "needs fnbox and seed"))
     name = "hello@8: fnbox req/s >= 40 x spawn"
     if f and p:
-        checks.append(
-            Check(name, f.rps >= 40 * p.rps, f"{f.rps:,.0f} vs 40 x {p.rps:.1f} = {40 * p.rps:,.0f}")
-        )
+        checks.append(Check(name, f.rps >= 40 * p.rps, f"{f.rps:,.0f} vs 40 x {p.rps:.1f} = {40 * p.rps:,.0f}"))
     else:
         checks.append(Check(name, None, "needs fnbox and spawn"))
 
@@ -293,6 +313,7 @@ def render(
     mem: dict[str, MemoryRow],
     checks: Sequence[Check],
     servers: Sequence[str],
+    notes: Sequence[str] = (),
 ) -> str:
     """The whole report body (no top-level heading), used for stdout and for the docs section."""
     parts = [
@@ -300,7 +321,10 @@ def render(
         "",
         "### Throughput and latency",
         "",
-        "Medians over rounds; errors are summed over rounds (socket errors, timeouts, HTTP statuses >= 400).",
+        "Scenarios: `hello@1` and `hello@8` GET /function/hello with 1 and 8 connections; `echo64k@8` POSTs",
+        "a 64 KB JSON body to a JSON echo function with 8 connections; `sleep100@32` calls a function that",
+        "sleeps 100 ms with 32 connections. Medians over rounds; errors are summed over rounds (socket",
+        "errors, timeouts, HTTP statuses >= 400). A call slower than the timeout is an error, not a latency.",
         "",
         throughput_table(rows, servers),
         "",
@@ -318,6 +342,8 @@ def render(
         *(c.line() for c in checks),
         "```",
     ]
+    if notes:
+        parts += ["", "### Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(parts) + "\n"
 
 

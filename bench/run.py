@@ -21,10 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 from loadgen import SCENARIOS, WrkResult, echo_body, run_wrk, write_scripts, wrk_binary
 from memstats import inflight_uss, tree_pss
@@ -35,6 +37,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 GUNICORN_CONF = REPO / "ops" / "gunicorn.conf.py"
 ALL_SERVERS = ("seed", "spawn", "fnbox")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WARMUP = next(sc for sc in SCENARIOS if sc.key == "hello@8")
 INFLIGHT_FUNCTION = "sleep2"
 INFLIGHT_SECONDS = 2.0
 # fnbox's default max_concurrency (8) would answer 503 busy beyond 8 calls of one function: sleep100 is
@@ -214,6 +218,32 @@ def check_answers(server: Server) -> None:
         raise RuntimeError(f"{server.name}: 64 KB echo gave HTTP {r.status_code} {r.text[:200]!r}")
 
 
+def fnbox_outcomes(log_path: Path) -> str:
+    """A summary of the one-JSON-line-per-call log fnbox writes, so errors in its rows can be explained."""
+    counts: Counter[str] = Counter()
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                if not (line.startswith("{") and '"outcome"' in line):
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                counts[f"{rec.get('outcome')} (HTTP {rec.get('status')})"] += 1
+    except OSError:
+        return "fnbox call log not readable"
+    if not counts:
+        return "fnbox logged no calls (its call log format may have changed)"
+    parts = ", ".join(f"{k}: {v:,}" for k, v in counts.most_common())
+    return f"fnbox logged {sum(counts.values()):,} calls, warm-up and checks included: {parts}"
+
+
+def background_cpu() -> float:
+    """System-wide CPU use in percent over one second, while no server of ours is running."""
+    return psutil.cpu_percent(interval=1.0)
+
+
 def settle(server: Server) -> None:
     if not wait_quiet(server, timeout_s=60, window_s=0.3):
         log(f"warning: {server.name} still busy after 60 s; measuring anyway")
@@ -224,6 +254,10 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
     if wrk is None:
         raise SystemExit("wrk is not installed: run `bash ops/setup-system.sh` (or `make bench`)")
     settings = gunicorn_settings(args.workers, args.threads)
+    # Everything here shares 2 cores with wrk, so CPU used by anything else skews every number: record it.
+    load_before = background_cpu()
+    if load_before > 10:
+        log(f"warning: {load_before:.0f} % CPU busy before the servers started; results will be noisy")
     paths = prepare_workdir(tmp)
     scripts = write_scripts(paths["wrk"])
     servers: dict[str, Server] = {}
@@ -235,7 +269,7 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
             check_answers(srv)
             # A short warm-up so every worker has imported the functions and Flask's lazy bits before any
             # measurement; the seed would otherwise pay first-import costs inside round 1.
-            run_wrk(f"{srv.base_url}/function/hello", SCENARIOS[1], scripts["hello@8"], 1.0)
+            run_wrk(f"{srv.base_url}/function/hello", WARMUP, scripts[WARMUP.key], 1.0)
             log(f"{name} ready: {srv.base_url}")
 
         mem = {name: MemoryRow() for name in servers}
@@ -259,7 +293,8 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
                     p50 = res.p50_ms if res.p50_ms is not None else float("nan")
                     log(
                         f"round {rnd}/{args.rounds} {sc.key:<12} {name:<6} {res.rps:10.1f} req/s  "
-                        f"p50 {p50:8.2f} ms  errors {res.errors}"
+                        f"p50 {p50:8.2f} ms  errors: socket/timeout {res.socket_errors}, "
+                        f"HTTP {res.status_errors}"
                     )
                     settle(srv)
 
@@ -271,14 +306,20 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
             settle(srv)
             mem[name].idle_after = tree_pss(srv)
             if name != "seed":  # the seed runs calls on worker threads: nothing per call to measure
-                mem[name].inflight = inflight_uss(
-                    srv, f"/function/{INFLIGHT_FUNCTION}", calls, INFLIGHT_SECONDS
-                )
+                mem[name].inflight = inflight_uss(srv, f"/function/{INFLIGHT_FUNCTION}", calls, INFLIGHT_SECONDS)
                 settle(srv)
     finally:
-        for srv in servers.values():
-            stop(srv)
-            log(f"stopped {srv.name} (pid {srv.proc.pid})")
+        # A second Ctrl-C must not cut the cleanup short and leave servers behind; stop() is bounded.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+        try:
+            for srv in servers.values():
+                stop(srv)
+                log(f"stopped {srv.name} (pid {srv.proc.pid})")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    load_after = background_cpu()
+    notes = [fnbox_outcomes(servers["fnbox"].log_path)] if "fnbox" in servers else []
 
     rows = {key: aggregate(vals) for key, vals in samples.items()}
     checks = target_checks(rows, mem)
@@ -287,10 +328,12 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
             "Gunicorn": settings.describe(),
             "Runs": f"{args.rounds} round(s) x {args.duration:g} s per scenario and server, alternating",
             "Servers": ", ".join(names),
+            "CPU busy outside the benchmark": f"{load_before:.0f} % before, {load_after:.0f} % after "
+            "(all cores, over 1 s)",
         },
         wrk,
     )
-    return render(machine, rows, mem, checks, list(names))
+    return render(machine, rows, mem, checks, list(names), notes)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -329,8 +372,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM/SIGHUP take the same path as Ctrl-C, so the finally blocks stop every server.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # SIGINT is set explicitly too: Python leaves it ignored when started in the background by a
+    # non-interactive shell, and a Ctrl-C-equivalent must always reach the cleanup.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="fnbox-bench-"))
     started = time.monotonic()
     ok = False

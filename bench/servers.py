@@ -29,7 +29,8 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
-    seen: dict[int, psutil.Process] = field(default_factory=dict)
+    # psutil.Process compares by (pid, create time), so a reused pid is a different member of this set.
+    seen: set[psutil.Process] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -42,8 +43,7 @@ class Server:
             procs = [master, *master.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
-        for p in procs:
-            self.seen.setdefault(p.pid, p)
+        self.seen.update(procs)
         return procs
 
     def log_tail(self, lines: int = 30) -> str:
@@ -97,9 +97,7 @@ def wait_http_ok(server: Server, path: str, timeout_s: float = 30.0) -> None:
         except requests.RequestException as e:
             last = type(e).__name__
         time.sleep(0.2)
-    raise RuntimeError(
-        f"{server.name}: GET {path} not 200 within {timeout_s:.0f} s ({last}):\n{server.log_tail()}"
-    )
+    raise RuntimeError(f"{server.name}: GET {path} not 200 within {timeout_s:.0f} s ({last}):\n{server.log_tail()}")
 
 
 def _tree_cpu_seconds(server: Server) -> tuple[float, int]:
@@ -112,9 +110,7 @@ def _tree_cpu_seconds(server: Server) -> tuple[float, int]:
     return total, len(procs)
 
 
-def wait_quiet(
-    server: Server, timeout_s: float = 60.0, window_s: float = 0.5, max_share: float = 0.05
-) -> bool:
+def wait_quiet(server: Server, timeout_s: float = 60.0, window_s: float = 0.5, max_share: float = 0.05) -> bool:
     """Wait until the server's process tree has used < max_share of one core for two windows in a row.
 
     After wrk stops, a saturated server still drains requests it had already accepted (the spawn baseline
@@ -158,12 +154,12 @@ def stop(server: Server, timeout_s: float = 10.0) -> None:
     # forked after the last refresh. Only signal the group while it provably still exists: the master is
     # unreaped (so its pid cannot have been reused) or a known member of the group is alive.
     group_alive = server.proc.poll() is None or any(
-        _in_group(p, server.proc.pid) for p in server.seen.values() if p.pid != server.proc.pid
+        _in_group(p, server.proc.pid) for p in server.seen if p.pid != server.proc.pid
     )
     if group_alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(server.proc.pid, signal.SIGKILL)
-    for p in server.seen.values():
+    for p in server.seen:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             if p.is_running():
                 p.kill()
@@ -172,4 +168,4 @@ def stop(server: Server, timeout_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         pass
     # Bounded reap of the known descendants so none is left as a zombie holding memory accounting.
-    psutil.wait_procs(list(server.seen.values()), timeout=5)
+    psutil.wait_procs(list(server.seen), timeout=5)
