@@ -219,7 +219,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from runner import doctor
 
-    return doctor.main(args.rest)
+    return doctor.main(["--strict"] * args.strict + ["--json"] * args.json)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--functions", default=os.environ.get("FNBOX_FUNCTIONS_DIR", os.path.join(here, "functions")))
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("doctor", help="which sandbox layers are active on this machine")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("--strict", action="store_true", help="exit 1 when any layer or check is DEGRADED")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_doctor)
     p = sub.add_parser("run", help="run FILE's main() once in the sandbox, no server needed")
     p.add_argument("file")
@@ -366,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except CliError as e:
         print(f"fnbox: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a local file: FILE, -d @FILE
+        print(f"fnbox: {e.filename}: {e.strerror}" if e.filename else f"fnbox: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

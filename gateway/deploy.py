@@ -59,7 +59,9 @@ def _archive_members(data: bytes) -> dict[str, bytes]:
         total += size
         if total > MAX_ARCHIVE_BYTES or len(files) >= MAX_ARCHIVE_FILES:
             raise DeployError("invalid_archive", "archive too large (at most 20 MiB and 2000 files unpacked)")
-        return name.lstrip("./") if name.startswith("./") else name
+        while name.startswith("./"):  # `tar -C dir .` names; never strip a dotfile's own dot
+            name = name[2:]
+        return name
 
     if data[:4] == b"PK\x03\x04":
         try:
