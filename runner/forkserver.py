@@ -45,7 +45,9 @@ from runner.sandbox import (
     remove_tree,
 )
 
-POLL_INTERVAL = 0.02  # psutil memory checks; the kernel cgroup catches spikes between two polls
+POLL_INTERVAL = 0.02  # memory checks; the kernel cgroup catches spikes between two polls
+PSS_REFRESH = 0.5  # without a cgroup: longest reuse of a PSS measurement (sharers exiting raise a call's PSS)
+MiB = 1024 * 1024
 
 
 @dataclass
@@ -61,6 +63,9 @@ class Call:
     kill_message: str = ""
     peak_rss: int = 0
     procs: dict[int, psutil.Process] = field(default_factory=dict)
+    # Without a memory cgroup: the last PSS measurement, the tree RSS at that moment, and when it was taken.
+    pss: tuple[int, int, float] | None = None
+    litter: tuple[int, ...] = ()  # the litter folders' mtimes when the call started
 
 
 class ForkServer:
@@ -79,6 +84,7 @@ class ForkServer:
     # -- setup -------------------------------------------------------------------------------------------
     def serve(self) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a call (double forks) come back to us to be reaped
+        orphans = self.slots.sweep(self._reap)  # what the calls of a fork server that died (kill -9) left
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         os.set_blocking(wake_r, False)
@@ -90,6 +96,7 @@ class ForkServer:
         self.data_base = data_usage()
         gc.collect()
         gc.freeze()  # children then never touch (copy) the inherited objects' GC headers
+        self._cleanup(orphans)
         send_msg(self.sock, {"op": "ready", "pid": os.getpid(), "layers": self.layers.describe()})
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "control")
@@ -163,6 +170,7 @@ class ForkServer:
             slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
             slot.cgroup.reset_peak()
         scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
+        litter = self.slots.litter_stamp()
         pid = os.fork()
         if pid == 0:  # child: never returns
             code = 71
@@ -183,7 +191,7 @@ class ForkServer:
             finally:
                 os._exit(code)
         now = time.monotonic()
-        call = Call(call_id, pid, slot, profile, scratch, now, now + profile.timeout_s)
+        call = Call(call_id, pid, slot, profile, scratch, now, now + profile.timeout_s, litter=litter)
         self.calls[pid] = call
         self.by_id[call_id] = pid
         heapq.heappush(self.deadlines, (call.deadline, pid))
@@ -198,21 +206,53 @@ class ForkServer:
                 self._kill(call, outcomes.TIMEOUT, f"wall-clock limit of {call.profile.timeout_s:g} s exceeded")
         for call in list(self.calls.values()):
             if call.killed is None and now - call.started >= POLL_INTERVAL:
-                rss = self._tree_rss(call)
-                call.peak_rss = max(call.peak_rss, rss)
-                if rss > call.profile.memory_mb * 1024 * 1024:
-                    self._kill(call, outcomes.MEMORY_LIMIT,
-                               f"memory limit of {call.profile.memory_mb} MiB exceeded (tree RSS)")
+                over = self._memory_exceeded(call, now)
+                if over:
+                    self._kill(call, outcomes.MEMORY_LIMIT, over)
 
-    def _tree_rss(self, call: Call) -> int:
-        if call.slot.cgroup is not None:
-            pids = call.slot.cgroup.procs()
-        else:
-            try:
-                root = psutil.Process(call.pid)
-                pids = [call.pid, *(p.pid for p in root.children(recursive=True))]
-            except psutil.Error:
-                return 0
+    def _memory_exceeded(self, call: Call, now: float) -> str | None:
+        """Why the call is over its memory limit, or None.
+
+        With a memory cgroup the kernel charges every page to exactly one cgroup and enforces the limit
+        itself; an OOM kill anywhere in the call (a grandchild, say) ends the whole call at once.
+
+        Without one, the call's processes are measured. The sum of their RSS counts every shared page once per
+        process: a call that forks 6 idle children "uses" 7 copies of the warm interpreter that the fork server
+        shares with all of them. So RSS is only the cheap first test (RSS >= PSS); over the limit, the
+        proportional set size (shared pages divided among their sharers) decides. Reading PSS walks the page
+        tables (~0.7 ms per process), so it is reused until RSS has grown by the headroom it left.
+        """
+        limit = call.profile.memory_mb * MiB
+        cg = call.slot.cgroup
+        if cg is not None:
+            if cg.oom_killed():
+                return f"memory limit of {call.profile.memory_mb} MiB exceeded (the kernel OOM-killed a process)"
+            return None
+        pids = self._tree_pids(call)
+        rss = self._tree_sum(call, pids, "rss")
+        if rss <= limit:
+            call.peak_rss = max(call.peak_rss, rss)
+            return None
+        if call.pss is not None:
+            pss0, rss0, at = call.pss
+            if rss - rss0 < limit - pss0 and now - at < PSS_REFRESH:
+                call.peak_rss = max(call.peak_rss, pss0 + max(0, rss - rss0))
+                return None
+        pss = self._tree_sum(call, pids, "pss")
+        call.pss = (pss, rss, now)
+        call.peak_rss = max(call.peak_rss, pss)
+        if pss > limit:
+            return f"memory limit of {call.profile.memory_mb} MiB exceeded (tree PSS)"
+        return None
+
+    def _tree_pids(self, call: Call) -> list[int]:
+        try:
+            root = psutil.Process(call.pid)
+            return [call.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    def _tree_sum(self, call: Call, pids: list[int], kind: str) -> int:
         total = 0
         for pid in pids:
             proc = call.procs.get(pid)
@@ -222,7 +262,7 @@ class ForkServer:
                 except psutil.Error:
                     continue
             try:
-                total += proc.memory_info().rss
+                total += proc.memory_info().rss if kind == "rss" else proc.memory_full_info().pss
             except psutil.Error:
                 call.procs.pop(pid, None)
         return total
@@ -273,19 +313,24 @@ class ForkServer:
         self._send({"op": "exit", "id": call.id, "outcome": outcome, "message": message, "exitcode": code,
                     "signal": signal.Signals(sig).name if sig else None, "cpu_ms": cpu_ms,
                     "max_rss_kb": max_rss_kb, "wall_ms": round((time.monotonic() - call.started) * 1000, 2)})
-        self._cleanup_scratch(call.scratch)
+        # Before the slot (so its uid) can be reused: what the call left is removed or made root's.
+        self._cleanup([] if remove_scratch(call.scratch) else [call.scratch],
+                      self.slots.sweep_litter(call.slot, call.litter))
         self.slots.release(call.slot)
 
-    def _cleanup_scratch(self, path: str) -> None:
-        if remove_scratch(path):
+    def _cleanup(self, *folders: list[str]) -> None:
+        paths = [p for group in folders for p in group]
+        if not paths:
             return
-        # Not empty: removing 100 000 files must not stall every other call's supervision, so a short-lived
-        # janitor process does it (forking is safe: this process is single-threaded).
+        # Removing 100 000 files must not stall every other call's supervision, so a short-lived janitor
+        # process does it (forking is safe: this process is single-threaded).
         pid = os.fork()
         if pid == 0:
             try:
                 self.sock.close()
-                remove_tree(path)
+                self.slots.close()  # our copies of the slot locks must not outlive the fork server
+                for path in paths:
+                    remove_tree(path)
             finally:
                 os._exit(0)
         self.janitors.add(pid)

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWIPC = 0x08000000
+
+# World-writable folders where a call could leave files that outlive it (in /dev/shm, RAM): after the call,
+# whatever the slot's uid owns at their top level is removed. Those that exist here, deduplicated.
+LITTER_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/shm", "/run/lock", "/var/lock", "/dev/mqueue")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -68,6 +74,7 @@ class Layers:
     cgroup_pids: bool
     netns: bool
     userns: bool
+    ipcns: bool = False
 
     def describe(self) -> dict[str, str]:
         def st(ok: bool, good: str, bad: str) -> str:
@@ -83,8 +90,17 @@ class Layers:
                               "no pids cgroup: only RLIMIT_NPROC caps fork bombs"),
             "network_namespace": st(self.netns or self.userns, "network=false calls get an empty netns",
                                     "cannot unshare a network namespace: network=false is NOT enforced"),
-            "rlimits": "active: cpu, data, fsize, nofile, core=0, nproc",
-            "psutil_watchdog": "active: wall clock and tree RSS, polled by the fork server",
+            "ipc_namespace": st(self.ipcns, "SysV shared memory, semaphores and message queues and POSIX message "
+                                            "queues of a call vanish with it",
+                                "a call's shared memory segments and message queues outlive it"),
+            "litter_sweep": st(self.root, "files a call's uid leaves in /tmp, /var/tmp, /dev/shm, /run/lock are "
+                                          "removed after it",
+                               "not root: files a call leaves in /tmp, /dev/shm... stay (they are the server's)"),
+            "rlimits": "active: cpu, data, fsize, nofile, core=0" + (", nproc" if self.root else
+                                                                      " (no nproc: the uid is shared)"),
+            "psutil_watchdog": "active: wall clock, " + (
+                "and any OOM kill in the call's memory cgroup ends the call" if self.cgroup_memory else
+                "and tree memory (RSS, then PSS), polled by the fork server"),
             "scratch_dir": "active: fresh per call, removed afterwards",
         }
 
@@ -93,12 +109,14 @@ def probe_layers(settings: Settings) -> Layers:
     root = os.geteuid() == 0
     mem = bool(root and v1_base("memory"))
     pids = bool(root and v1_base("pids"))
-    netns = userns = False
+    netns = userns = ipcns = False
     if root:
         netns = _can_unshare(CLONE_NEWNET)
+        ipcns = _can_unshare(CLONE_NEWIPC)
     else:
-        userns = _can_unshare(CLONE_NEWUSER | CLONE_NEWNET)
-    return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns)
+        # Unprivileged, the IPC namespace comes with the user namespace, i.e. only for network=false calls.
+        userns = _can_unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
+    return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns)
 
 
 def _can_unshare(flags: int) -> bool:
@@ -124,27 +142,172 @@ class SlotPool:
         self._mem_base = v1_base("memory") if layers.cgroup_memory else None
         self._pids_base = v1_base("pids") if layers.cgroup_pids else None
         self._fds: dict[int, int] = {}
+        # flock() succeeds again on a lock the same open file already holds: without this set, a slot still in
+        # use by one of our calls would be handed out again once the cycle comes back to it (its cgroup killed,
+        # its uid shared by two calls).
+        self._held: set[int] = set()
         self._cgroups: dict[int, SlotCgroup] = {}
         self._next = itertools.cycle(range(settings.slots))
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
+        st = os.lstat(settings.scratch_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            # Someone else's folder (a sandbox uid can create one in /var/tmp if it is ever missing) would let
+            # its owner swap a call's scratch dir for a symlink between our mkdir() and chown().
+            raise RuntimeError(f"{settings.scratch_dir} is not a folder owned by uid {os.geteuid()}: refusing to "
+                               "use it as the scratch folder")
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
+        self.litter_dirs = _litter_dirs() if layers.root else []
+
+    def _lock_fd(self, i: int) -> int:
+        fd = self._fds.get(i)
+        if fd is None:
+            fd = os.open(os.path.join(self.lock_dir, f"{i}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[i] = fd
+        return fd
+
+    def sweep(self, reap=None) -> list[str]:
+        """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with
+        its fork server (PDEATHSIG), its grandchildren and daemons do not, and its scratch dir stays. Runs once,
+        when a fork server starts. One slot at a time is locked (never all: other servers keep starting calls),
+        so no call starts in a slot while it is swept. Files its uid left in the litter folders are removed too.
+        Returns the orphaned folders, already made root's, for a janitor to remove."""
+        by_slot: dict[int, list[str]] = {}
+        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot>-<fork server pid>-<call>"
+            for e in entries:
+                head = e.name.split("-", 1)[0]
+                if head.isdigit() and e.is_dir(follow_symlinks=False):
+                    by_slot.setdefault(int(head), []).append(e.path)
+        litter: dict[int, list[tuple[str, str, bool]]] = {}  # uid -> (folder, name, is a dir)
+        for d in self.litter_dirs:
+            try:
+                with os.scandir(d) as entries:
+                    for e in entries:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if self.settings.uid_base <= st.st_uid < self.settings.uid_base + self.settings.slots:
+                            litter.setdefault(st.st_uid, []).append((d, e.name, stat.S_ISDIR(st.st_mode)))
+            except OSError:
+                pass
+        uid_pids: dict[int, list[int]] = {}
+        if not self._mem_base and self.layers.root:  # no cgroup names a slot's processes: their uid does
+            last = self.settings.uid_base + self.settings.slots
+            for p in psutil.process_iter(["uids"]):
+                uids = p.info["uids"]
+                if uids and self.settings.uid_base <= uids.real < last:
+                    uid_pids.setdefault(uids.real, []).append(p.pid)
+        orphans: list[str] = []
+        for i in range(self.settings.slots):
+            uid = self.settings.uid_base + i
+            if i in self._held or not (by_slot.get(i) or uid_pids.get(uid) or litter.get(uid)
+                                       or self._cgroup_busy(i)):
+                continue
+            fd = self._lock_fd(i)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by a live fork server
+            try:
+                if self._mem_base:
+                    self._cgroup(i).kill_all(reap)
+                elif uid in uid_pids:
+                    kill_uids({uid})
+                for path in by_slot.get(i, []):
+                    try:
+                        _disown(path)
+                        orphans.append(path)
+                    except OSError:
+                        pass
+                for d, name, is_dir in litter.get(uid, []):
+                    path = os.path.join(d, name)
+                    try:
+                        if is_dir:
+                            _disown(path)
+                            orphans.append(path)
+                        else:
+                            os.unlink(path)
+                    except OSError:
+                        pass
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        return orphans
+
+    def _cgroup_busy(self, i: int) -> bool:
+        """Whether slot i's cgroups hold any process (read without the slot's lock: only a hint). Every process
+        of a call is in both, so one is enough."""
+        base = self._pids_base or self._mem_base
+        if base is None:
+            return False
+        try:
+            with open(os.path.join(base, f"slot-{i}", "cgroup.procs")) as f:
+                return bool(f.read(1))
+        except OSError:
+            return False
+
+    def _cgroup(self, i: int) -> SlotCgroup:
+        cg = self._cgroups.get(i)
+        if cg is None:
+            assert self._mem_base is not None
+            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, i)
+        return cg
+
+    def litter_stamp(self) -> tuple[int, ...]:
+        """The litter folders' mtimes: a folder whose mtime did not change got no new entry."""
+        out = []
+        for d in self.litter_dirs:
+            try:
+                out.append(os.stat(d).st_mtime_ns)
+            except OSError:
+                out.append(0)
+        return tuple(out)
+
+    def sweep_litter(self, slot: Slot, stamp: tuple[int, ...]) -> list[str]:
+        """After a call (its processes are all dead): removes the files its uid left at the top level of the
+        litter folders, and returns the folders it left, already made root's (so the next call of this uid
+        cannot enter them) for a janitor to remove."""
+        if slot.uid is None:
+            return []
+        later = []
+        for d, before in zip(self.litter_dirs, stamp, strict=True):
+            try:
+                if os.stat(d).st_mtime_ns == before:
+                    continue
+                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                with os.scandir(dfd) as entries:
+                    for e in entries:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                            if st.st_uid != slot.uid:
+                                continue
+                            if stat.S_ISDIR(st.st_mode):
+                                _disown(e.name, dfd)
+                                later.append(os.path.join(d, e.name))
+                            else:
+                                os.unlink(e.name, dir_fd=dfd)
+                        except OSError:
+                            pass
+            finally:
+                os.close(dfd)
+        return later
 
     def acquire(self, reap=None) -> Slot | None:
         for _ in range(self.settings.slots):
             i = next(self._next)
-            fd = self._fds.get(i)
-            if fd is None:
-                fd = os.open(os.path.join(self.lock_dir, f"{i}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                self._fds[i] = fd
+            if i in self._held:
+                continue
+            fd = self._lock_fd(i)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
+            self._held.add(i)
             cg = None
             if self._mem_base:
-                cg = self._cgroups.get(i)
-                if cg is None:
-                    cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, i)
+                cg = self._cgroup(i)
                 # A previous holder that died (kill -9 of a fork server) may have left processes behind.
                 cg.kill_all(reap)
             uid = self.settings.uid_base + i if self.layers.root else None
@@ -153,11 +316,50 @@ class SlotPool:
 
     def release(self, slot: Slot) -> None:
         fcntl.flock(slot.lock_fd, fcntl.LOCK_UN)
+        self._held.discard(slot.index)
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _litter_dirs() -> list[str]:
+    out, seen = [], set()
+    for d in LITTER_DIRS:
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            out.append(d)
+    return out
+
+
+def _disown(name: str, dir_fd: int | None = None) -> None:
+    """Makes a folder a call left root's and 0700: the next call of the same uid cannot enter it any more."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fchown(fd, os.geteuid(), os.getegid())
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def kill_uids(uids: set[int], rounds: int = 5) -> None:
+    """SIGKILLs every process whose real uid is in `uids` (a few rounds: a fork bomb adds some meanwhile)."""
+    for _ in range(rounds):
+        found = False
+        for p in psutil.process_iter(["uids"]):
+            try:
+                if p.info["uids"] and p.info["uids"].real in uids:
+                    os.kill(p.pid, signal.SIGKILL)
+                    found = True
+            except (psutil.Error, OSError):
+                pass
+        if not found:
+            return
 
 
 def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
@@ -200,14 +402,20 @@ def make_scratch(settings: Settings, slot: Slot, call_id: str) -> str:
 
 
 def remove_scratch(path: str) -> bool:
-    """Removes a call's scratch dir; returns False when it is not empty (the caller hands it to a janitor)."""
+    """Removes a call's scratch dir; returns False when it is not empty: then it is made root's first (the slot,
+    so its uid, is reused as soon as the call is over) and the caller hands it to a janitor."""
     try:
         os.rmdir(path)
         return True
     except FileNotFoundError:
         return True
     except OSError:
-        return False
+        pass
+    try:
+        _disown(path)
+    except OSError:
+        pass
+    return False
 
 
 def remove_tree(path: str) -> None:
@@ -221,15 +429,19 @@ def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base:
     Order matters: cgroups and namespaces need privileges, so they come before the identity drop; rlimits
     come last among privileged steps so RLIMIT_NPROC applies to the new uid.
     """
+    parent = os.getppid()
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the fork server is single-threaded: this is safe here
     if slot.cgroup is not None:
         slot.cgroup.attach_self()
+    flags = CLONE_NEWIPC if layers.ipcns else 0
     if not profile.network:
         if layers.netns:
-            unshare(CLONE_NEWNET)
+            flags |= CLONE_NEWNET
         elif layers.userns:
-            unshare(CLONE_NEWUSER | CLONE_NEWNET)
+            flags |= CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC
+    if flags:
+        unshare(flags)
     stdin_r, out_w, result_w = fds
     os.dup2(stdin_r, 0)
     os.dup2(out_w, 1)
@@ -262,6 +474,11 @@ def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base:
         os.setresuid(slot.uid, slot.uid, slot.uid)
         # Changing uid made the process non-dumpable; let it read its own /proc/self again.
         prctl(PR_SET_DUMPABLE, 1)
+    # Changing credentials also cleared the parent-death signal: without this, a call would outlive a killed
+    # fork server with no one left to enforce its limits. If the parent already died, stop here.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(71)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     sys.dont_write_bytecode = True
 

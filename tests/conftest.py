@@ -60,7 +60,10 @@ class Server:
         os.chmod(self.data_dir, 0o755)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
+        # Each server gets its own metrics folder (ops/gunicorn.conf.py makes one): a PROMETHEUS_MULTIPROC_DIR left
+        # in this process's environment (a test that runs the config file in-process sets it) is another server's.
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        self.env = dict(inherited, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
                         FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_DATA_DIR=self.data_dir, FNBOX_WORKERS=str(workers),
                         FNBOX_THREADS=str(threads), **(env or {}))
         self.proc: subprocess.Popen | None = None
@@ -184,17 +187,55 @@ def scratch_entries(older_than: float | None = None) -> list[str]:
     return out
 
 
+# World-writable folders where a call could leave files (as root, the runner removes what its uids leave there).
+LITTER_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def _sandbox_uid(uid: int) -> bool:
+    return UID_BASE <= uid < UID_BASE + SLOTS
+
+
+def sandbox_files(older_than: float | None = None) -> list[str]:
+    """Entries a sandbox uid owns at the top level of the world-writable temp folders, and SysV IPC objects
+    (shared memory, message queues, semaphores) it owns in the host's IPC namespace."""
+    out = []
+    for d in LITTER_DIRS:
+        try:
+            with os.scandir(d) as entries:
+                for e in entries:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if _sandbox_uid(st.st_uid) and (older_than is None or st.st_mtime <= older_than):
+                        out.append(e.path)
+        except FileNotFoundError:
+            pass
+    for kind in ("shm", "msg", "sem"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header, *rows = f.read().splitlines()
+        except OSError:
+            continue
+        col = header.split().index("uid")
+        out.extend(f"sysvipc {kind} {row.split()[1]}" for row in rows if _sandbox_uid(int(row.split()[col])))
+    return out
+
+
 def assert_nothing_left(since: float, timeout: float = 3.0) -> None:
-    """No sandbox process created before `since` (the end of the call under test) and no scratch directory
-    from before it survives; waits a bounded time for the runner's cleanup."""
+    """No sandbox process created before `since` (the end of the call under test), no scratch directory from
+    before it, and no file or IPC object of a sandbox uid outside it survives; waits a bounded time for the
+    runner's cleanup."""
     deadline = time.monotonic() + timeout
     while True:
         procs = sandbox_processes(older_than=since)
         dirs = scratch_entries(older_than=since)
-        if not procs and not dirs:
+        files = sandbox_files(older_than=since) if os.geteuid() == 0 else []
+        if not procs and not dirs and not files:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"left behind: processes {[(p.pid, p.info) for p in procs]}, scratch {dirs}")
+            raise AssertionError(f"left behind: processes {[(p.pid, p.info) for p in procs]}, scratch {dirs}, "
+                                 f"files {files}")
         time.sleep(0.05)
 
 
@@ -212,5 +253,6 @@ def make_server() -> Iterator:
         s.stop()
 
 
-__all__ = ["Server", "assert_nothing_left", "dedent", "free_port", "sandbox_processes", "scratch_entries"]
+__all__ = ["Server", "assert_nothing_left", "dedent", "free_port", "sandbox_files", "sandbox_processes",
+           "scratch_entries"]
 _ = sys
