@@ -13,7 +13,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import admin, metrics
-from gateway.admission import ConcurrencyLimiter
+from gateway.admission import ConcurrencyLimiter, worker_cap
 from gateway.deploy import FunctionStore
 from gateway.errors import GatewayError, error_response
 from gateway.history import History
@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     # instance's function of the same name must not take this one's places. Workers of one server share them.
     instance = hashlib.sha256(os.path.realpath(settings.functions_dir).encode()).hexdigest()[:16]
     limiter = ConcurrencyLimiter(os.path.join(settings.state_dir, "concurrency", instance),
-                                 max_calls_for(settings, profiles.current().profiles["default"].memory_mb))
+                                 max_calls_for(settings, profiles.current().profiles["default"].memory_mb),
+                                 worker_cap(settings.threads))
     rt = Runtime(settings, profiles, supervisor, limiter,
                  FunctionStore(settings.functions_dir, settings.data_dir), history,
                  os.environ.get("FNBOX_ADMIN_TOKEN") or None)

@@ -21,26 +21,37 @@ if not _logger.handlers:
     _logger.propagate = False
 
 
-def log_call(*, request_id: str, function: str, method: str, path: str, status: int, outcome: str,
-             duration_ms: float, result: CallResult | None, message: str = "") -> dict[str, Any]:
+def call_record(*, request_id: str, function: str, method: str, path: str, status: int, outcome: str,
+                duration_ms: float, result: CallResult | None, message: str = "") -> dict[str, Any]:
+    """One call's record, for the log line and the history. cpu_ms and max_rss_kb are null when no process ran
+    (or until its exit is reported: see complete())."""
     record: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "request_id": request_id, "function": function,
         "method": method, "path": path, "status": status, "outcome": outcome,
-        "duration_ms": round(duration_ms, 2), "cpu_ms": None, "max_rss_kb": None,  # null: no process ran
+        "duration_ms": round(duration_ms, 2), "cpu_ms": None, "max_rss_kb": None,
     }
     if result is not None:
         output = result.output.decode("utf-8", "replace")
-        record.update(cpu_ms=result.cpu_ms, max_rss_kb=result.max_rss_kb, exitcode=result.exitcode,
-                      signal=result.signal)
+        dropped = result.output_dropped
         if len(output) > LOG_OUTPUT_CHARS:
-            result.output_dropped += len(output) - LOG_OUTPUT_CHARS
+            dropped += len(output) - LOG_OUTPUT_CHARS
             output = output[:LOG_OUTPUT_CHARS]
         record["output"] = output
-        if result.output_dropped:
-            record["output_dropped_bytes"] = result.output_dropped
+        if dropped:
+            record["output_dropped_bytes"] = dropped
         if result.traceback:
             record["traceback"] = result.traceback
+        complete(record, result)
     if message:
         record["message"] = message
-    _logger.info(json.dumps(record, ensure_ascii=False))
     return record
+
+
+def complete(record: dict[str, Any], result: CallResult) -> None:
+    """Adds what only the end of the call's processes tells: CPU, peak memory, exit status."""
+    record.update(cpu_ms=result.cpu_ms, max_rss_kb=result.max_rss_kb, exitcode=result.exitcode,
+                  signal=result.signal)
+
+
+def emit(record: dict[str, Any]) -> None:
+    _logger.info(json.dumps(record, ensure_ascii=False))

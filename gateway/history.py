@@ -24,13 +24,13 @@ import time
 from typing import Any
 
 COLUMNS = ("time", "request_id", "function", "version", "method", "path", "status", "outcome", "duration_ms",
-           "cpu_ms", "max_rss_kb", "output")
+           "cpu_ms", "max_rss_kb", "output", "complete")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL, request_id TEXT NOT NULL, function TEXT NOT NULL, version INTEGER,
     method TEXT, path TEXT, status INTEGER, outcome TEXT, duration_ms REAL, cpu_ms REAL, max_rss_kb INTEGER,
-    output TEXT
+    output TEXT, complete INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS calls_function ON calls (function, id);
 CREATE INDEX IF NOT EXISTS calls_request ON calls (request_id);
@@ -44,6 +44,8 @@ def connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the process
     db.executescript(SCHEMA)
+    if "complete" not in {row[1] for row in db.execute("PRAGMA table_info(calls)")}:  # a database of 0.1
+        db.execute("ALTER TABLE calls ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
     return db
 
 
@@ -65,7 +67,8 @@ class History:
         self.path = path
         self.max_rows, self.max_age_s = max_rows, max_age_days * 86400
         self.wait_s = wait_s
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        # A call's row (dict), or ("finish", request_id, cpu_ms, max_rss_kb) once its processes are gone.
+        self._queue: queue.Queue[dict[str, Any] | tuple | None] = queue.Queue(queue_size)
         self.dropped = 0
         self.error: str | None = None
         self._since_prune = 0
@@ -92,6 +95,17 @@ class History:
             if self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
                 self._cond.wait_for(lambda: self._done >= seq, self.wait_s)
 
+    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None) -> None:
+        """Completes a call's row once its processes are gone (the answer went out before that). Never waits:
+        it runs on the runner's reader thread."""
+        with self._cond:
+            try:
+                self._queue.put_nowait(("finish", request_id, cpu_ms, max_rss_kb))
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._queued += 1
+
     def flush(self, timeout: float = 2.0) -> bool:
         """Waits (bounded) until every queued record of this worker is written."""
         with self._cond:
@@ -106,8 +120,36 @@ class History:
             pass
         self._thread.join(timeout)
 
+    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """The writer's connection, and the identity of the file it opened. A database file that is missing
+        (removed while the server runs) is created 0600 first, as at start; a file a reader connection created
+        meanwhile is made private by path (closing a descriptor of our own would drop the process's locks)."""
+        if not os.path.exists(self.path):
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            except OSError:
+                pass  # created by a reader meanwhile (chmod below), or not creatable: connect() says why
+        db = connect(self.path)
+        try:
+            st = os.stat(self.path)
+            for p in (self.path, self.path + "-wal", self.path + "-shm"):
+                if os.path.exists(p):
+                    os.chmod(p, 0o600)
+        except OSError as e:
+            db.close()
+            raise sqlite3.OperationalError(str(e)) from None
+        return db, (st.st_dev, st.st_ino)
+
+    def _replaced(self, ident: tuple[int, int]) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != ident
+
     def _writer(self) -> None:
         db: sqlite3.Connection | None = None
+        ident = (0, 0)
         while True:
             item = self._queue.get()
             if item is None:
@@ -123,13 +165,24 @@ class History:
                     break
                 batch.append(nxt)
             try:
+                if db is not None and self._replaced(ident):
+                    # Removed or replaced under us (an operator moving a corrupt file aside, a restore): our
+                    # connection would go on writing into the old file, where nobody ever reads it.
+                    print(f"fnbox: call history: {self.path} was removed or replaced; reopening it", file=sys.stderr)
+                    db.close()
+                    db = None
                 if db is None:
-                    db = connect(self.path)
+                    db, ident = self._open()
+                inserts = [r for r in batch if isinstance(r, dict)]
+                finishes = [r[1:] for r in batch if isinstance(r, tuple)]
                 with db:
                     db.execute("BEGIN IMMEDIATE")
                     db.executemany(
                         f"INSERT INTO calls ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
-                        [tuple(r.get(c) for c in COLUMNS) for r in batch])
+                        [tuple(r.get(c, 1 if c == "complete" else None) for c in COLUMNS) for r in inserts])
+                    db.executemany("UPDATE calls SET cpu_ms=?, max_rss_kb=?, complete=1 "
+                                   "WHERE request_id=? AND complete=0",
+                                   [(cpu, rss, rid) for rid, cpu, rss in finishes])
                     self._since_prune += len(batch)
                     if self._since_prune >= PRUNE_EVERY or self._queue.empty():
                         self._prune(db)
@@ -166,14 +219,26 @@ class History:
         finally:
             db.close()
 
+    def _read_complete(self, sql: str, args: tuple, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Rows whose calls are over: a call answered a moment ago may still be finishing (its CPU and peak memory
+        come with the end of its processes, a few ms after the answer), so wait for that, bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self._read(sql, args)
+            if all(r["complete"] for r in rows) or time.monotonic() > deadline:
+                for r in rows:
+                    del r["complete"]
+                return rows
+            time.sleep(0.01)
+
     def calls(self, function: str, limit: int = 50, outcome: str | None = None) -> list[dict[str, Any]]:
         if outcome:
-            return self._read("SELECT * FROM calls WHERE function=? AND outcome=? ORDER BY id DESC LIMIT ?",
-                              (function, outcome, limit))
-        return self._read("SELECT * FROM calls WHERE function=? ORDER BY id DESC LIMIT ?", (function, limit))
+            return self._read_complete("SELECT * FROM calls WHERE function=? AND outcome=? ORDER BY id DESC LIMIT ?",
+                                       (function, outcome, limit))
+        return self._read_complete("SELECT * FROM calls WHERE function=? ORDER BY id DESC LIMIT ?", (function, limit))
 
     def call(self, request_id: str) -> dict[str, Any] | None:
-        rows = self._read("SELECT * FROM calls WHERE request_id=? ORDER BY id DESC LIMIT 1", (request_id,))
+        rows = self._read_complete("SELECT * FROM calls WHERE request_id=? ORDER BY id DESC LIMIT 1", (request_id,))
         return rows[0] if rows else None
 
     def counts(self) -> dict[str, dict[str, int]]:

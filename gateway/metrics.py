@@ -33,13 +33,18 @@ RESTARTS = Counter("fnbox_forkserver_restarts_total", "Fork servers restarted af
 KILL_REASONS = frozenset({outcomes.TIMEOUT, outcomes.MEMORY_LIMIT, outcomes.OUTPUT_LIMIT})
 
 
-def observe(function: str, outcome: str, status: int, seconds: float, max_rss_kb: int | None) -> None:
+def observe(function: str, outcome: str, status: int, seconds: float) -> None:
+    """At answer time, so that /metrics counts every answered call."""
     CALLS.labels(function, outcome, str(status)).inc()
     DURATION.labels(function).observe(seconds)
-    if max_rss_kb:
-        PEAK_MEMORY.labels(function).observe(max_rss_kb * 1024)
     if outcome in KILL_REASONS:
         KILLS.labels(outcome).inc()
+
+
+def observe_memory(function: str, max_rss_kb: int | None) -> None:
+    """When the call's processes are gone and their peak is known."""
+    if max_rss_kb:
+        PEAK_MEMORY.labels(function).observe(max_rss_kb * 1024)
 
 
 def render() -> tuple[bytes, str]:

@@ -8,7 +8,7 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from gateway import metrics
-from gateway.calllog import log_call
+from gateway.calllog import call_record, complete, emit
 from gateway.errors import GatewayError, error_response
 from gateway.messages import environ_message, read_body, to_response
 from runner import outcomes
@@ -47,6 +47,9 @@ def invoke(name: str, subpath: str) -> Response:
         if tokens == "server":
             raise GatewayError(outcomes.BUSY, f"the server already has {rt.limiter.max_calls} calls in flight "
                                               "(FNBOX_MAX_CALLS)")
+        if tokens == "worker":
+            raise GatewayError(outcomes.BUSY, f"this worker already has {rt.limiter.worker_max} calls in flight "
+                                              "(FNBOX_THREADS minus the threads kept for /healthz and 503s)")
         environ = environ_message(request, body, rt.settings.forwarded_allow_ips)
         inv = Invocation(name, rt.settings.functions_dir, profile, environ, body, g.request_id)
         metrics.IN_FLIGHT.inc()
@@ -58,6 +61,12 @@ def invoke(name: str, subpath: str) -> Response:
             metrics.IN_FLIGHT.dec()
             for token in tokens:
                 rt.limiter.release(token)
+        if result.outcome == outcomes.NOT_FOUND and function_exists(rt.settings.functions_dir, name):
+            # The gateway sees the function and the call's process does not: the sandbox uids cannot read the
+            # functions folder (e.g. chmod 000). Not a missing function: every function of the folder fails so.
+            result.outcome = outcomes.UNAVAILABLE
+            result.message = (f"the sandbox cannot read function {name!r}: the functions folder and its files must "
+                              "be readable by every user (o+rx); `python -m runner.doctor` checks this")
         if result.outcome == outcomes.OK:
             resp = to_response(result)
         else:
@@ -79,14 +88,30 @@ def invoke(name: str, subpath: str) -> Response:
         fn_ms = max(0.0, result.wall_ms - result.sandbox_ms)
         resp.headers["Server-Timing"] = (f"total;dur={total_ms:.2f}, sandbox;dur={result.sandbox_ms:.2f}, "
                                          f"function;dur={fn_ms:.2f}")
-    record = log_call(request_id=g.request_id, function=name, method=request.method, path=request.path,
-                      status=resp.status_code, outcome=outcome, duration_ms=total_ms, result=result,
-                      message=message)
-    if outcome != outcomes.NOT_FOUND:  # only real functions become metric labels and history rows
-        metrics.observe(name, outcome, resp.status_code, total_ms / 1000, result.max_rss_kb if result else None)
-        record["time"] = time.time()
-        record["version"] = rt.store.current(name)
-        rt.history.record(record)
+    status, rid = resp.status_code, g.request_id
+    record = call_record(request_id=rid, function=name, method=request.method, path=request.path, status=status,
+                         outcome=outcome, duration_ms=total_ms, result=result, message=message)
+    counted = outcome != outcomes.NOT_FOUND  # only real functions become metric labels and history rows
+    pending = result is not None and not result.complete
+    if counted:
+        metrics.observe(name, outcome, status, total_ms / 1000)
+        row = dict(record, time=time.time(), version=rt.store.current(name), complete=0 if pending else 1)
+        rt.history.record(row)  # committed before we answer: the next request finds it, on any worker
+
+    def finish(r: CallResult | None) -> None:
+        # When the call's last process is gone (now, or soon after the answer): its CPU and peak memory.
+        if r is not None and pending:
+            complete(record, r)
+            if counted:
+                rt.history.finish(rid, r.cpu_ms, r.max_rss_kb)
+        if r is not None and counted:
+            metrics.observe_memory(name, r.max_rss_kb)
+        emit(record)
+
+    if result is not None:
+        result.when_complete(finish)
+    else:
+        finish(None)
     return resp
 
 

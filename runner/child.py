@@ -150,29 +150,32 @@ def run(functions_dir: str, name: str, max_response_kb: int) -> dict[str, Any] |
         return _error(outcomes.FUNCTION_ERROR, e)
 
 
+WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")
+
+
 def warm() -> None:
-    """Runs the whole request path once in the fork server, with a built-in function (never user code), so
-    that every lazily imported module (idna, the JSON provider, form parsing, cookies) is already loaded
-    when a child is forked: the child then pays for none of it."""
+    """Runs the whole call path once with a built-in function (runner/warm/probe.py, never user code): its import
+    through _load(), then a request through Flask. Every lazily imported module (idna, the JSON provider, form
+    parsing, cookies) is then loaded, and in a spare child the copy-on-write faults of that path are paid before
+    its call. Everything it imported under the functions package name is forgotten again."""
     global _main
-
-    def probe(request: flask.Request) -> Any:
-        request.get_json(silent=True)
-        _ = request.form, request.files, request.cookies, request.url, request.host, request.args
-        return {"warm": True}
-
     body = b"--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\n\r\nx\r\n--b--\r\n"
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/function/warm/a/b", "QUERY_STRING": "a=1",
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/function/probe/a/b", "QUERY_STRING": "a=1",
                "SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
                "CONTENT_TYPE": "multipart/form-data; boundary=b", "CONTENT_LENGTH": str(len(body)),
                "HTTP_COOKIE": "a=b", "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(body),
                "wsgi.errors": sys.stderr}
-    _main = probe
     try:
+        _main = _load(WARM_DIR, "probe").main
         with APP.request_context(environ):
             _serialize(APP.full_dispatch_request(), 1 << 20)
     finally:
         _main = None
+        for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
+            del sys.modules[name]
+        while WARM_DIR in sys.path:
+            sys.path.remove(WARM_DIR)
+        sys.path_importer_cache.pop(WARM_DIR, None)
 
 
 def main(functions_dir: str, name: str, max_response_kb: int) -> None:
@@ -201,6 +204,9 @@ def main(functions_dir: str, name: str, max_response_kb: int) -> None:
             except BaseException:
                 pass
         write_all(CHILD_RESULT_FD, data)
+        # Closing every pipe tells the gateway the answer is complete now, before the exit and reaping of this
+        # process (several ms for a forked interpreter) that nobody needs to wait for.
+        os.closerange(0, CHILD_RESULT_FD + 1)
     except BaseException:
         code = 70  # EX_SOFTWARE: the runner itself failed; the gateway reports the call as crashed
     os._exit(code)

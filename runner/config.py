@@ -45,6 +45,7 @@ class Settings:
     workers: int
     threads: int
     max_calls: int  # 0: derived from memory and threads, see max_calls_for()
+    spares: int  # children each fork server keeps forked ahead of demand (0: fork on demand only)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -69,6 +70,7 @@ class Settings:
             workers=_int(env, "FNBOX_WORKERS", 2, minimum=1),
             threads=_int(env, "FNBOX_THREADS", 32, minimum=1),
             max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
+            spares=_int(env, "FNBOX_SPARES", 2, minimum=0),
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),

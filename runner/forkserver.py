@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
 import os
 import resource
 import selectors
@@ -35,11 +36,13 @@ from runner.sandbox import (
     Layers,
     Slot,
     SlotPool,
+    assign,
     data_usage,
     enter,
     kill_slot,
     make_scratch,
     prctl,
+    prepare,
     probe_layers,
     remove_scratch,
     remove_tree,
@@ -68,6 +71,19 @@ class Call:
     litter: tuple[int, ...] = ()  # the litter folders' mtimes when the call started
 
 
+@dataclass
+class Spare:
+    """A child forked ahead of demand: already in its slot's cgroups, namespaces, uid and scratch dir, its
+    request path pre-touched (the copy-on-write faults paid), waiting on its socket for a call. It has run no
+    call: it becomes exactly one call, then exits."""
+
+    pid: int
+    sock: socket.socket
+    slot: Slot
+    scratch: str
+    litter: tuple[int, ...]
+
+
 class ForkServer:
     def __init__(self, sock: socket.socket, settings: Settings) -> None:
         self.sock = sock
@@ -78,6 +94,12 @@ class ForkServer:
         self.by_id: dict[int, int] = {}  # call id -> pid
         self.deadlines: list[tuple[float, int]] = []  # (deadline, pid) heap
         self.janitors: set[int] = set()
+        self.spares: list[Spare] = []
+        self.retired: dict[int, Spare] = {}  # spares killed, waiting to be reaped
+        self.dropped: set[int] = set()
+        self._spare_ids = itertools.count(1)
+        self.spare_retry_at = 0.0
+        self.spare_target = settings.spares
         self.data_base = 0
         self.running = True
 
@@ -103,7 +125,8 @@ class ForkServer:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         try:
             while self.running:
-                for key, _ in sel.select(self._timeout()):
+                events = sel.select(self._timeout())
+                for key, _ in events:
                     if key.data == "control":
                         self._on_control()
                     else:
@@ -113,6 +136,10 @@ class ForkServer:
                             pass
                 self._reap()
                 self._check_limits()
+                if (not events and len(self.spares) < self.spare_target and self.running
+                        and time.monotonic() >= self.spare_retry_at):
+                    # Only when idle: a fork (~2 ms here) must never delay a call that is already waiting.
+                    self._make_spare()
         finally:
             self._shutdown()
 
@@ -120,6 +147,8 @@ class ForkServer:
         self.running = False
 
     def _timeout(self) -> float | None:
+        if len(self.spares) < self.spare_target and time.monotonic() >= self.spare_retry_at:
+            return 0.0
         if not self.calls:
             return None
         t = POLL_INTERVAL
@@ -161,6 +190,25 @@ class ForkServer:
         if len(fds) != SPAWN_FDS:
             self._send({"op": "exit", "id": call_id, "outcome": outcomes.UNAVAILABLE, "message": "bad spawn"})
             return
+        spare = self._take_spare() if not profile.network else None
+        while spare is not None:
+            if spare.slot.cgroup is not None:
+                spare.slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
+                spare.slot.cgroup.reset_peak()
+            # The scratch dir takes the call's name: an idle spare's dir ends in "-s<n>", a call's never does.
+            scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.index}-{os.getpid()}-{call_id}")
+            try:
+                os.rename(spare.scratch, scratch)
+                spare.scratch = scratch
+                send_msg(spare.sock, {"functions_dir": msg["functions_dir"], "function": msg["function"],
+                                      "profile": msg["profile"], "scratch": scratch}, fds)
+            except OSError:  # it died idle (reaped below): the call goes to another spare or a fresh fork
+                self._drop_spare(spare)
+                spare = self._take_spare()
+                continue
+            spare.sock.close()
+            self._track(Call(call_id, spare.pid, spare.slot, profile, scratch, 0.0, 0.0, litter=spare.litter))
+            return
         slot = self.slots.acquire(self._reap)
         if slot is None:
             self._send({"op": "exit", "id": call_id, "outcome": outcomes.BUSY,
@@ -175,9 +223,7 @@ class ForkServer:
         if pid == 0:  # child: never returns
             code = 71
             try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                self._child_signals()
                 self.sock.close()
                 enter(profile, slot, scratch, fds, self.data_base, self.layers)
                 from runner import child
@@ -190,11 +236,72 @@ class ForkServer:
                     pass
             finally:
                 os._exit(code)
-        now = time.monotonic()
-        call = Call(call_id, pid, slot, profile, scratch, now, now + profile.timeout_s, litter=litter)
-        self.calls[pid] = call
-        self.by_id[call_id] = pid
-        heapq.heappush(self.deadlines, (call.deadline, pid))
+        self._track(Call(call_id, pid, slot, profile, scratch, 0.0, 0.0, litter=litter))
+
+    def _track(self, call: Call) -> None:
+        call.started = time.monotonic()
+        call.deadline = call.started + call.profile.timeout_s
+        self.calls[call.pid] = call
+        self.by_id[call.id] = call.pid
+        heapq.heappush(self.deadlines, (call.deadline, call.pid))
+
+    @staticmethod
+    def _child_signals() -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    # -- spares ------------------------------------------------------------------------------------------
+    def _make_spare(self) -> None:
+        slot = self.slots.acquire(self._reap)
+        if slot is None:
+            self.spare_retry_at = time.monotonic() + 1.0  # every slot busy: calls first, spares later
+            return
+        scratch = make_scratch(self.settings, slot, f"{os.getpid()}-s{next(self._spare_ids)}")
+        litter = self.slots.litter_stamp()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cwd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the spare: never returns
+            code = 71
+            try:
+                self._child_signals()
+                self.sock.close()
+                ours.close()
+                prepare(slot, cwd, self.layers, network=False, keep=[theirs.fileno()])
+                from runner import child
+
+                child.warm()  # the request path's copy-on-write faults, paid now rather than during the call
+                assignment, fds = recv_msg(theirs, SPAWN_FDS)
+                if assignment is None or len(fds) != SPAWN_FDS:
+                    code = 0  # the fork server is shutting down (or gone)
+                    return
+                profile = Profile.from_dict(assignment["profile"])
+                assign(profile, slot, assignment["scratch"], fds, data_usage())
+                child.main(assignment["functions_dir"], assignment["function"], profile.max_response_kb)
+            except BaseException as e:
+                try:
+                    os.write(2, f"fnbox: spare sandbox failed: {e!r}\n".encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(code)
+        theirs.close()
+        os.close(cwd)
+        self.spares.append(Spare(pid, ours, slot, scratch, litter))
+
+    def _take_spare(self) -> Spare | None:
+        return self.spares.pop() if self.spares else None
+
+    def _drop_spare(self, spare: Spare) -> None:
+        """A spare that will never run a call: killed; its slot is freed when it is reaped."""
+        spare.sock.close()
+        try:
+            os.kill(spare.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.retired[spare.pid] = spare
+        self.dropped.add(spare.pid)
 
     # -- supervision -------------------------------------------------------------------------------------
     def _check_limits(self) -> None:
@@ -287,7 +394,23 @@ class ForkServer:
             if call is not None:
                 self.by_id.pop(call.id, None)
                 self._finish(call, status, ru)
+            spare = self.retired.pop(pid, None) or self._idle_spare(pid)
+            if spare is not None:  # died without a call: free its slot like a finished call's
+                if spare.pid not in self.dropped:
+                    self.spare_retry_at = time.monotonic() + 1.0  # it died by itself: do not fork in a loop
+                self.dropped.discard(spare.pid)
+                kill_slot(spare.slot, pid, self._reap)
+                self._cleanup([] if remove_scratch(spare.scratch) else [spare.scratch],
+                              self.slots.sweep_litter(spare.slot, spare.litter))
+                self.slots.release(spare.slot)
             self.janitors.discard(pid)
+
+    def _idle_spare(self, pid: int) -> Spare | None:
+        for i, spare in enumerate(self.spares):
+            if spare.pid == pid:
+                spare.sock.close()
+                return self.spares.pop(i)
+        return None
 
     def _finish(self, call: Call, status: int, ru: resource.struct_rusage) -> None:
         kill_slot(call.slot, call.pid, self._reap)  # threads, grandchildren, daemons: the call is over
@@ -336,11 +459,13 @@ class ForkServer:
         self.janitors.add(pid)
 
     def _shutdown(self) -> None:
+        while self.spares:
+            self._drop_spare(self.spares.pop())
         for call in list(self.calls.values()):
             if call.killed is None:
                 self._kill(call, outcomes.UNAVAILABLE, "the fork server is shutting down")
         deadline = time.monotonic() + 5
-        while (self.calls or self.janitors) and time.monotonic() < deadline:
+        while (self.calls or self.janitors or self.retired) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.005)
         self.slots.close()

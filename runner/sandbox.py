@@ -423,11 +423,20 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int, layers: Layers) -> None:
-    """Runs in the forked child, as the fork server's user, before anything of the call is read.
+def _close_fds_except(keep: list[int]) -> None:
+    """close_range(2) over the gaps: every fd >= 3 but `keep` is gone, whatever it is."""
+    lo = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 1 << 20)
 
-    Order matters: cgroups and namespaces need privileges, so they come before the identity drop; rlimits
-    come last among privileged steps so RLIMIT_NPROC applies to the new uid.
+
+def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: list[int]) -> None:
+    """The part of entering the sandbox that does not depend on the call: identity, cgroups, namespaces, cwd,
+    fds. A spare child does it ahead of demand (off the request path); an on-demand child right after fork.
+
+    Order matters: cgroups and namespaces need privileges, so they come before the identity drop.
     """
     parent = os.getppid()
     os.setsid()
@@ -435,20 +444,43 @@ def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base:
     if slot.cgroup is not None:
         slot.cgroup.attach_self()
     flags = CLONE_NEWIPC if layers.ipcns else 0
-    if not profile.network:
+    if not network:
         if layers.netns:
             flags |= CLONE_NEWNET
         elif layers.userns:
             flags |= CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC
     if flags:
         unshare(flags)
+    # By fd: the fork server renames a spare's scratch dir when it hands it a call, maybe before we get here.
+    os.fchdir(scratch_fd)
+    _close_fds_except(keep)
+    if slot.uid is not None:
+        os.setgroups([])
+        os.setresgid(slot.gid, slot.gid, slot.gid)
+        os.setresuid(slot.uid, slot.uid, slot.uid)
+        # Changing uid made the process non-dumpable; let it read its own /proc/self again.
+        prctl(PR_SET_DUMPABLE, 1)
+    # Changing credentials also cleared the parent-death signal: without this, a call would outlive a killed
+    # fork server with no one left to enforce its limits. If the parent already died, stop here.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(71)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    sys.dont_write_bytecode = True
+
+
+def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int) -> None:
+    """The call's own part: its pipes become fds 0-3 (nothing else stays open), its environment, its rlimits.
+
+    Runs after prepare(), already as the call's uid: an unprivileged process may always lower its own limits,
+    and RLIMIT_NPROC then counts exactly this uid's processes (the call's own).
+    """
     stdin_r, out_w, result_w = fds
     os.dup2(stdin_r, 0)
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
     os.dup2(result_w, 3)
-    os.closerange(4, 1 << 20)  # close_range(2): every other fd, whatever it is, is gone
-    os.chdir(scratch)
+    os.closerange(4, 1 << 20)
     os.environ.clear()
     os.environ.update(MIN_ENV)
     os.environ.update({"HOME": scratch, "TMPDIR": scratch})
@@ -468,19 +500,13 @@ def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base:
         limits[resource.RLIMIT_NPROC] = (profile.max_processes, profile.max_processes)
     for res, lim in limits.items():
         resource.setrlimit(res, lim)
-    if slot.uid is not None:
-        os.setgroups([])
-        os.setresgid(slot.gid, slot.gid, slot.gid)
-        os.setresuid(slot.uid, slot.uid, slot.uid)
-        # Changing uid made the process non-dumpable; let it read its own /proc/self again.
-        prctl(PR_SET_DUMPABLE, 1)
-    # Changing credentials also cleared the parent-death signal: without this, a call would outlive a killed
-    # fork server with no one left to enforce its limits. If the parent already died, stop here.
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(71)
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
-    sys.dont_write_bytecode = True
+
+
+def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int, layers: Layers) -> None:
+    """Both halves at once, for a child forked on demand (no spare, or a call that wants the network)."""
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    prepare(slot, fd, layers, profile.network, keep=list(fds))
+    assign(profile, slot, scratch, fds, data_base)
 
 
 def data_usage() -> int:

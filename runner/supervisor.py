@@ -29,7 +29,7 @@ from runner.protocol import MAX_HEADER, ProtocolError, encode_frame, recv_msg, s
 
 START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
 GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
-FORWARDED_ENV = ("FNBOX_STATE_DIR", "FNBOX_SCRATCH_DIR", "FNBOX_UID_BASE", "FNBOX_SANDBOX_SLOTS")
+FORWARDED_ENV = ("FNBOX_STATE_DIR", "FNBOX_SCRATCH_DIR", "FNBOX_UID_BASE", "FNBOX_SANDBOX_SLOTS", "FNBOX_SPARES")
 
 
 class Unavailable(Exception):
@@ -63,18 +63,58 @@ class CallResult:
     max_rss_kb: int | None = None
     sandbox_ms: float = 0.0  # from the call's start until the spawn request was sent and acknowledged
     wall_ms: float = 0.0
+    _waiter: _Waiter | None = field(default=None, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the call's processes are all gone and cpu_ms/max_rss_kb are final."""
+        return self._waiter is None or self._waiter.event.is_set()
+
+    def when_complete(self, fn: Callable[[CallResult], object]) -> None:
+        """Runs fn(self) once the call's processes are all gone and its cpu/memory figures are known: at once if
+        they are, else when the fork server reports (the response may be answered before that)."""
+        if self._waiter is None:
+            fn(self)
+            return
+
+        def complete(msg: dict[str, Any]) -> None:
+            _fill_exit(self, msg)
+            fn(self)
+
+        self._waiter.then(complete)
 
 
 class _Waiter:
-    __slots__ = ("event", "msg")
+    """The fork server's "exit" report for one call, and what to run when it arrives."""
+
+    __slots__ = ("event", "msg", "_lock", "_callbacks")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.msg: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[dict[str, Any]], object]] = []
 
     def set(self, msg: dict[str, Any]) -> None:
-        self.msg = msg
-        self.event.set()
+        with self._lock:
+            if self.event.is_set():
+                return
+            self.msg = msg
+            self.event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(msg)
+            except Exception as e:  # a logging failure must not kill the reader thread
+                print(f"fnbox: call completion failed: {e!r}", file=sys.stderr)
+
+    def then(self, fn: Callable[[dict[str, Any]], object]) -> None:
+        """Runs fn(report) now if the report is in, else in the reader thread when it comes."""
+        with self._lock:
+            if not self.event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self.msg or {})
 
 
 class _ForkServerProcess:
@@ -275,6 +315,14 @@ class Supervisor:
         io = _CallIO(stdin_w, out_r, res_r, payload, inv.profile)
         deadline = t0 + inv.profile.timeout_s + GRACE
         drained = io.run(deadline, waiter)
+        early = _early_result(io) if drained and not waiter.event.is_set() else None
+        if early is not None:
+            # The child wrote a complete result and closed its pipes: answer now. Its exit, reaping and the
+            # cleanup of its slot (a few ms) go on in the fork server; the report completes the record later.
+            early.sandbox_ms = sandbox_ms
+            early.wall_ms = (time.monotonic() - t0) * 1000
+            early._waiter = waiter
+            return early
         if not waiter.event.is_set() and (io.overflow or not drained):
             # Still running: the output overflowed, or the fork server missed the deadline. Ask it to kill.
             try:
@@ -386,11 +434,28 @@ class _CallIO:
         self.output_dropped += max(0, len(chunk) - max(room, 0))
 
 
+def _fill_exit(r: CallResult, exit_msg: dict[str, Any]) -> None:
+    r.exitcode, r.signal = exit_msg.get("exitcode"), exit_msg.get("signal")
+    r.cpu_ms, r.max_rss_kb = exit_msg.get("cpu_ms"), exit_msg.get("max_rss_kb")
+
+
+def _early_result(io: _CallIO) -> CallResult | None:
+    """The call's answer from a complete, valid result frame, before the exit report; None if there is none."""
+    if not io.result_eof or io.overflow:
+        return None
+    try:
+        header, body = split_frame(bytes(io.result))
+    except ProtocolError:
+        return None  # wait for the report: a crash, a kill or a limit explains it
+    r = CallResult(outcome=outcomes.OK, output=bytes(io.output), output_dropped=io.output_dropped)
+    _apply_frame(r, header, body)
+    return r
+
+
 def _compose(exit_msg: dict[str, Any], io: _CallIO) -> CallResult:
     r = CallResult(outcome=exit_msg.get("outcome", outcomes.CRASHED), message=exit_msg.get("message", ""),
-                   output=bytes(io.output), output_dropped=io.output_dropped, exitcode=exit_msg.get("exitcode"),
-                   signal=exit_msg.get("signal"), cpu_ms=exit_msg.get("cpu_ms"),
-                   max_rss_kb=exit_msg.get("max_rss_kb"))
+                   output=bytes(io.output), output_dropped=io.output_dropped)
+    _fill_exit(r, exit_msg)
     if io.overflow and r.outcome in (outcomes.OK, outcomes.CRASHED):
         r.outcome, r.message = outcomes.OUTPUT_LIMIT, "the response exceeds max_response_kb"
         return r
@@ -401,13 +466,17 @@ def _compose(exit_msg: dict[str, Any], io: _CallIO) -> CallResult:
     except ProtocolError as e:
         r.outcome, r.message = outcomes.CRASHED, f"the function's process sent no valid result ({e})"
         return r
+    _apply_frame(r, header, body)
+    return r
+
+
+def _apply_frame(r: CallResult, header: dict[str, Any], body: bytes) -> None:
     if header.get("kind") == "response":
         r.status, r.body = str(header.get("status")), body
         r.headers = [(str(k), str(v)) for k, v in header.get("headers", [])]
-        return r
+        return
     outcome = header.get("outcome")
     r.outcome = outcome if outcome in outcomes.ALL and outcome != outcomes.OK else outcomes.CRASHED
     r.message = str(header.get("message", ""))
     r.error_type = header.get("type")
     r.traceback = header.get("traceback")
-    return r

@@ -6,6 +6,7 @@ Every process a test starts is ended by its pid (the Gunicorn master's process g
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -159,15 +160,25 @@ class Server:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def sandbox_processes(older_than: float | None = None) -> list[psutil.Process]:
-    """Processes running under a sandbox slot uid (root mode), optionally only those created before a time."""
+SPARE = re.compile(r"^\d+-\d+-s\d+$")  # an idle spare's scratch dir; a call's is renamed when it starts
+
+
+def is_spare(path: str) -> bool:
+    return bool(SPARE.match(os.path.basename(path)))
+
+
+def sandbox_processes(older_than: float | None = None, spares: bool = False) -> list[psutil.Process]:
+    """Processes running under a sandbox slot uid (root mode), optionally only those created before a time.
+    Idle spares (forked ahead of demand, never given a call: their cwd is a spare's scratch dir) are capacity,
+    not leftovers, and are left out unless asked for."""
     found = []
     for p in psutil.process_iter(["uids", "create_time", "status"]):
         try:
             uids = p.info["uids"]
             if uids and UID_BASE <= uids.real < UID_BASE + SLOTS and p.info["status"] != psutil.STATUS_ZOMBIE:
                 if older_than is None or p.info["create_time"] <= older_than:
-                    found.append(p)
+                    if spares or not is_spare(p.cwd()):
+                        found.append(p)
         except psutil.Error:
             pass
     return found
@@ -177,6 +188,8 @@ def scratch_entries(older_than: float | None = None) -> list[str]:
     out = []
     try:
         for e in os.scandir(SCRATCH):
+            if is_spare(e.path):
+                continue
             try:
                 if older_than is None or e.stat(follow_symlinks=False).st_mtime <= older_than:
                     out.append(e.path)
