@@ -153,18 +153,20 @@ def run(functions_dir: str, name: str, max_response_kb: int) -> dict[str, Any] |
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")
 
 
-def warm() -> None:
-    """Runs the whole call path once with a built-in function (runner/warm/probe.py, never user code): its import
-    through _load(), then a request through Flask. Every lazily imported module (idna, the JSON provider, form
-    parsing, cookies) is then loaded, and in a spare child the copy-on-write faults of that path are paid before
-    its call. Everything it imported under the functions package name is forgotten again."""
+def warm(full: bool = True) -> None:
+    """Runs the call path once with a built-in function (runner/warm/probe.py, never user code): its import
+    through _load(), then a request through Flask. full (the fork server, once): a multipart POST that loads
+    every lazily imported module (idna, the JSON provider, form parsing, cookies). Not full (a spare): a GET, so
+    that the spare pays the common path's copy-on-write faults before its call. Everything imported under the
+    functions package name is forgotten again."""
     global _main
     body = b"--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\n\r\nx\r\n--b--\r\n"
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/function/probe/a/b", "QUERY_STRING": "a=1",
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/function/probe/a/b", "QUERY_STRING": "a=1",
                "SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-               "CONTENT_TYPE": "multipart/form-data; boundary=b", "CONTENT_LENGTH": str(len(body)),
-               "HTTP_COOKIE": "a=b", "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(body),
-               "wsgi.errors": sys.stderr}
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr}
+    if full:
+        environ.update({"REQUEST_METHOD": "POST", "CONTENT_TYPE": "multipart/form-data; boundary=b",
+                        "CONTENT_LENGTH": str(len(body)), "HTTP_COOKIE": "a=b", "wsgi.input": io.BytesIO(body)})
     try:
         _main = _load(WARM_DIR, "probe").main
         with APP.request_context(environ):

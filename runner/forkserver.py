@@ -271,7 +271,7 @@ class ForkServer:
                 prepare(slot, cwd, self.layers, network=False, keep=[theirs.fileno()])
                 from runner import child
 
-                child.warm()  # the request path's copy-on-write faults, paid now rather than during the call
+                child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
                 assignment, fds = recv_msg(theirs, SPAWN_FDS)
                 if assignment is None or len(fds) != SPAWN_FDS:
                     code = 0  # the fork server is shutting down (or gone)

@@ -377,9 +377,10 @@ def test_retention_keeps_the_newest_max_rows(small_server):
         t.join(80)
     assert len(statuses) == 1000 and set(statuses) == {200}, failures[:3]
     last = s.get("/function/hello").headers["X-Request-Id"]
-    # Retention runs whenever a worker's queue drains: once calls stop, exactly max_rows rows are left (ids
-    # are consecutive here), and the newest call is among them.
+    # Retention runs in each worker's writer once its calls pause (PRUNE_IDLE_S): shortly after calls stop,
+    # exactly max_rows rows are left (ids are consecutive here), and the newest call is among them.
     assert admin(s, f"/calls/{last}").status_code == 200
+    assert _eventually(lambda: db_rows(s, "SELECT COUNT(*) AS n FROM calls")[0]["n"] == 300)
     listing = {f["name"]: f for f in admin(s, "/functions").json()["functions"]}
     assert listing["m_ok"]["calls"] == 299 and listing["hello"]["calls"] == 1
     assert db_rows(s, "SELECT COUNT(*) AS n FROM calls")[0]["n"] == 300
@@ -393,8 +394,17 @@ def test_retention_keeps_the_newest_max_rows(small_server):
     db.close()
     assert admin(s, "/calls/ancient").status_code == 200
     s.get("/function/hello")
-    assert admin(s, "/calls/ancient").status_code == 404
+    assert _eventually(lambda: admin(s, "/calls/ancient").status_code == 404)
     assert db_rows(s, "SELECT COUNT(*) AS n FROM calls")[0]["n"] <= 300
+
+
+def _eventually(check, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _resumes(s: Server) -> bool:
