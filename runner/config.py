@@ -70,7 +70,7 @@ class Settings:
             workers=_int(env, "FNBOX_WORKERS", 2, minimum=1),
             threads=_int(env, "FNBOX_THREADS", 32, minimum=1),
             max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
-            spares=_int(env, "FNBOX_SPARES", 2, minimum=0),
+            spares=_int(env, "FNBOX_SPARES", 1, minimum=0),
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),
