@@ -17,6 +17,7 @@ import shutil
 import signal
 import stat
 import sys
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -47,6 +48,12 @@ def prctl(option: int, arg: int = 0) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         e = ctypes.get_errno()
@@ -63,6 +70,7 @@ class Slot:
     gid: int | None
     lock_fd: int
     cgroup: SlotCgroup | None
+    netns: int | None = None  # an fd holding this slot's empty network namespace (root only), reused per call
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ class SlotPool:
         # its uid shared by two calls).
         self._held: set[int] = set()
         self._cgroups: dict[int, SlotCgroup] = {}
+        self._netns_fds: dict[int, int] = {}
         self._next = itertools.cycle(range(settings.slots))
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
         st = os.lstat(settings.scratch_dir)
@@ -311,17 +320,52 @@ class SlotPool:
                 # A previous holder that died (kill -9 of a fork server) may have left processes behind.
                 cg.kill_all(reap)
             uid = self.settings.uid_base + i if self.layers.root else None
-            return Slot(i, uid, uid, fd, cg)
+            return Slot(i, uid, uid, fd, cg, self._netns(i))
         return None
+
+    def _netns(self, i: int) -> int | None:
+        """The slot's empty network namespace, made once and entered by each of its calls with setns().
+
+        A namespace per call is cheap to create (~0.6 ms) but not to destroy: the kernel tears network
+        namespaces down in one workqueue, behind RCU grace periods, and under a few hundred calls a second it
+        fell minutes behind (a kworker in D state, load average 12+, memory held by dying namespaces). An
+        empty namespace keeps nothing of a call: its sockets die with its processes, and without
+        CAP_NET_ADMIN it cannot configure anything (not even bring lo up). A slot serves one call at a time.
+        """
+        if not self.layers.netns:
+            return None
+        fd = self._netns_fds.get(i)
+        if fd is None:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # holds the new namespace just long enough for the parent to open it
+                try:
+                    os.close(r)
+                    unshare(CLONE_NEWNET)
+                    os.write(w, b"x")
+                    time.sleep(5)  # bounded: the parent SIGKILLs it as soon as it holds the namespace
+                finally:
+                    os._exit(0)
+            os.close(w)
+            try:
+                if os.read(r, 1) == b"x":
+                    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                    self._netns_fds[i] = fd
+            finally:
+                os.close(r)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        return fd
 
     def release(self, slot: Slot) -> None:
         fcntl.flock(slot.lock_fd, fcntl.LOCK_UN)
         self._held.discard(slot.index)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in (*self._fds.values(), *self._netns_fds.values()):
             os.close(fd)
         self._fds.clear()
+        self._netns_fds.clear()
 
 
 def _litter_dirs() -> list[str]:
@@ -445,7 +489,9 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
         slot.cgroup.attach_self()
     flags = CLONE_NEWIPC if layers.ipcns else 0
     if not network:
-        if layers.netns:
+        if slot.netns is not None:
+            setns(slot.netns, CLONE_NEWNET)
+        elif layers.netns:
             flags |= CLONE_NEWNET
         elif layers.userns:
             flags |= CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC
