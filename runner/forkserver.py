@@ -217,7 +217,13 @@ class ForkServer:
         if slot.cgroup is not None:
             slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
             slot.cgroup.reset_peak()
-        scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
+        try:
+            scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
+        except OSError as e:  # the scratch file system is full or broken: this call cannot run, others may
+            self.slots.release(slot)
+            self._send({"op": "exit", "id": call_id, "outcome": outcomes.UNAVAILABLE,
+                        "message": f"cannot create the call's scratch directory: {e.strerror}"})
+            return
         litter = self.slots.litter_stamp()
         pid = os.fork()
         if pid == 0:  # child: never returns
@@ -257,7 +263,12 @@ class ForkServer:
         if slot is None:
             self.spare_retry_at = time.monotonic() + 1.0  # every slot busy: calls first, spares later
             return
-        scratch = make_scratch(self.settings, slot, f"{os.getpid()}-s{next(self._spare_ids)}")
+        try:
+            scratch = make_scratch(self.settings, slot, f"{os.getpid()}-s{next(self._spare_ids)}")
+        except OSError:  # the scratch file system is full: no spares until it is not
+            self.slots.release(slot)
+            self.spare_retry_at = time.monotonic() + 1.0
+            return
         litter = self.slots.litter_stamp()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cwd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
