@@ -67,6 +67,17 @@ def on_starting(server):
                     "" if settings.max_calls else ", derived from memory and threads", workers, threads)
 
 
+def post_worker_init(worker):
+    # The per-worker admission cap follows the threads this worker really has (a --threads on the command line
+    # overrides FNBOX_THREADS, which create_app() used).
+    from gateway.admission import worker_cap
+
+    app = getattr(worker, "wsgi", None)
+    rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
+    if rt is not None:
+        rt.limiter.worker_max = worker_cap(worker.cfg.threads)
+
+
 def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None

@@ -96,6 +96,10 @@ class SlotCgroup:
             _write(os.path.join(self.pids, "pids.max"), str(max_pids))
         self._limits = (memory_bytes, max_pids)
 
+    def forget_limits(self) -> None:
+        """The slot is shared by every fork server of the machine: what we wrote last may have been changed."""
+        self._limits = None
+
     def reset_peak(self) -> None:
         try:
             _write(os.path.join(self.mem, "memory.max_usage_in_bytes"), "0")

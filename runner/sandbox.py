@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
-import itertools
 import os
 import resource
 import shutil
@@ -156,7 +155,6 @@ class SlotPool:
         self._held: set[int] = set()
         self._cgroups: dict[int, SlotCgroup] = {}
         self._netns_fds: dict[int, int] = {}
-        self._next = itertools.cycle(range(settings.slots))
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
         st = os.lstat(settings.scratch_dir)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
@@ -304,8 +302,9 @@ class SlotPool:
         return later
 
     def acquire(self, reap=None) -> Slot | None:
-        for _ in range(self.settings.slots):
-            i = next(self._next)
+        # Lowest free slot first: the slots in use (and the lock fds and namespaces cached for them) stay as few
+        # as the calls ever in flight at once.
+        for i in range(self.settings.slots):
             if i in self._held:
                 continue
             fd = self._lock_fd(i)
@@ -317,6 +316,7 @@ class SlotPool:
             cg = None
             if self._mem_base:
                 cg = self._cgroup(i)
+                cg.forget_limits()  # another fork server may have used this slot since we last set them
                 # A previous holder that died (kill -9 of a fork server) may have left processes behind.
                 cg.kill_all(reap)
             uid = self.settings.uid_base + i if self.layers.root else None
