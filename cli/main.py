@@ -262,6 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             sup.start()
             result = sup.call(Invocation(name, fdir, profile, message, data or b"", "cli-run"))
+            result.wait_complete(profile.timeout_s + 5)  # its CPU and peak memory come with its exit
         except Unavailable as e:
             raise CliError(f"unavailable: {e}") from None
         finally:

@@ -70,6 +70,15 @@ class CallResult:
         """Whether the call's processes are all gone and cpu_ms/max_rss_kb are final."""
         return self._waiter is None or self._waiter.event.is_set()
 
+    def wait_complete(self, timeout: float) -> bool:
+        """Blocks (bounded) until the call's processes are gone and cpu_ms/max_rss_kb are final."""
+        if self._waiter is None:
+            return True
+        if not self._waiter.event.wait(timeout):
+            return False
+        _fill_exit(self, self._waiter.msg or {})
+        return True
+
     def when_complete(self, fn: Callable[[CallResult], object]) -> None:
         """Runs fn(self) once the call's processes are all gone and its cpu/memory figures are known: at once if
         they are, else when the fork server reports (the response may be answered before that)."""
