@@ -3,7 +3,7 @@ and scratch folder per server, the server's process tree, and leftover checks th
 fork servers.
 
 Isolation: a server started with `isolated_env()` runs its calls as uids uid_base.. (apart from the 61000.. of
-the other test files) with its own scratch folder, and `follow()` points conftest's leftover checks
+the other test files, and per process) with its own scratch folder, and `follow()` points conftest's leftover checks
 (`sandbox_processes`, `scratch_entries`, `sandbox_files`, `assert_nothing_left`) at them. Killing processes and
 counting leftovers then concerns that server only, even while another test run on the machine has calls in
 flight. Slot locks and slot cgroups stay machine-wide (FNBOX_STATE_DIR is shared), as the runner requires.
@@ -22,9 +22,17 @@ import tests.conftest as conftest
 from runner.config import Settings
 from tests.conftest import Server
 
-FAULTS_UID_BASE = 64000  # tests/test_faults.py: 64000..64255
-SOAK_UID_BASE = 64256  # tests/soak.py: 64256..64511
-LOAD_UID_BASE = 64512  # tests/load_nginx.py: 64512..64767
+
+def _uid_base(role: int) -> int:
+    """256 uids per role (0 faults, 1 soak, 2 load) and per process: two runs on one machine (a CI clone beside a
+    working copy) do not see each other's calls either. 100000 + (pid % 300 * 3 + role) * 256: below 330 000,
+    far from the 61000.. of the other tests and from nobody (65534); Linux uids are 32-bit."""
+    return 100_000 + ((os.getpid() % 300) * 3 + role) * 256
+
+
+FAULTS_UID_BASE = _uid_base(0)  # tests/test_faults.py
+SOAK_UID_BASE = _uid_base(1)  # tests/soak.py
+LOAD_UID_BASE = _uid_base(2)  # tests/load_nginx.py
 
 
 def make_scratch_dir(prefix: str) -> str:

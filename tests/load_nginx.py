@@ -45,6 +45,7 @@ end
 function init(args)
   ok, busy, other = 0, 0, 0
   statuses = {}
+  sample = ""
 end
 
 function response(status, headers, body)
@@ -56,12 +57,19 @@ function response(status, headers, body)
     other = other + 1
     local key = tostring(status)
     statuses[key] = (statuses[key] or 0) + 1
+    if sample == "" and body ~= nil then
+      sample = string.sub(body, 1, 300)
+    end
   end
 end
 
 done = function(summary, latency, requests)
-  local t_ok, t_busy, t_other, per = 0, 0, 0, {}
+  local t_ok, t_busy, t_other, per, samples = 0, 0, 0, {}, {}
   for _, thread in ipairs(threads) do
+    local body = thread:get("sample")
+    if body ~= "" then
+      table.insert(samples, '"' .. string.gsub(body, '[%c"\\]', ' ') .. '"')  -- plain JSON string
+    end
     t_ok = t_ok + thread:get("ok")
     t_busy = t_busy + thread:get("busy")
     t_other = t_other + thread:get("other")
@@ -76,8 +84,10 @@ done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     'MARKER{"requests": %d, "duration_us": %d, "ok": %d, "busy": %d, "other": %d, "other_statuses": {%s}, ' ..
+    '"other_samples": [%s], ' ..
     '"connect": %d, "read": %d, "write": %d, "timeout": %d, "p50_us": %d, "p99_us": %d, "max_us": %d}\n',
     summary.requests, summary.duration, t_ok, t_busy, t_other, table.concat(parts, ", "),
+    table.concat(samples, ", "),
     e.connect, e.read, e.write, e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
 end
 """.replace("MARKER", MARKER)
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         since = time.time()
         socket_errors = res["connect"] + res["read"] + res["write"] + res["timeout"]
         if res["other"]:
-            failures.append(f"{res['other']} answers neither 2xx nor 503 busy: {res['other_statuses']}")
+            failures.append(f"{res['other']} answers neither 2xx nor 503 busy: {res['other_statuses']}, e.g. "
+                            f"{res['other_samples'][:2]}")
         if socket_errors:
             failures.append(f"{socket_errors} socket errors (connect {res['connect']}, read {res['read']}, "
                             f"write {res['write']}, timeout {res['timeout']})")
@@ -176,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
+    if res["other"]:  # fnbox's own account of those answers
+        odd = [line for line in srv.read_log().splitlines() if line.startswith("{") and '"status": 200' not in line
+               and '"status": 503' not in line]
+        print("fnbox log lines of the other answers (first 3):\n" + "\n".join(odd[:3]) + "\n")
     seconds = res["duration_us"] / 1e6
     non2xx = res["busy"] + res["other"]
     rows = [

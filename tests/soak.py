@@ -22,7 +22,7 @@ Worker RSS grows, boundedly, while the history database grows: SQLite's page cac
 writer (2 MB by default) fills up. Measured: with a 64 KiB cache the workers' RSS stays flat over 14 000 calls.
 
 Bounded: the load stops at the deadline (and after --max-calls calls), every request has a timeout, every wait
-is bounded. The server runs its calls as uids 64256.. with its own scratch folder (tests/faultkit.py), is stopped
+is bounded. The server runs its calls as uids of its own with its own scratch folder (tests/faultkit.py), is stopped
 by its pid, and listens on 127.0.0.1 only.
 """
 

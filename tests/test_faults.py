@@ -2,16 +2,17 @@
 graceful stop and reload under load, a full scratch file system, an unreadable functions folder, a locked or
 corrupt call-history database. Each test is bounded in time, and every process it starts is ended by its pid.
 
-Isolation (tests/faultkit.py): these servers run their calls as uids 64000.. with a scratch folder of their own,
-and the `iso` fixture points conftest's leftover checks (`sandbox_processes`, `scratch_entries`,
-`assert_nothing_left`) at that range and folder: a test that kills processes and counts leftovers sees only its
-own, even while another test run on the machine has calls in flight.
+Isolation (tests/faultkit.py): these servers run their calls as uids of their own (100000 and up, per process,
+not the 61000.. of the other test files) with a scratch folder of their own, and the `iso` fixture points
+conftest's leftover checks (`sandbox_processes`, `scratch_entries`, `assert_nothing_left`) at that range and
+folder: a test that kills processes and counts leftovers sees only its own, even while another test run on the
+machine has calls in flight.
 
 Spares: a fork server may keep idle children forked ahead of demand (FNBOX_SPARES), which run as sandbox uids
-with a scratch folder each. While a server runs, faultkit's `assert_no_leftovers` allows those (children of a live fork
-server, at most FNBOX_SPARES each) and nothing else; once it is stopped, `assert_nothing_left` allows nothing.
-Calls say that they run by leaving a marker named after their pid in a world-writable folder (`world`), so the
-tests count running calls, and find their processes, without mistaking a spare for one.
+with a scratch folder each. While a server runs, faultkit's `assert_no_leftovers` allows those (children of a
+live fork server, at most FNBOX_SPARES each) and nothing else; once it is stopped, `assert_nothing_left` allows
+nothing. Calls say that they run by leaving a marker named after their pid in a world-writable folder (`world`),
+so the tests count running calls, and find their processes, without mistaking a spare for one.
 """
 
 from __future__ import annotations
