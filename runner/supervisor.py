@@ -29,7 +29,6 @@ from runner.protocol import MAX_HEADER, ProtocolError, encode_frame, recv_msg, s
 
 START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
 GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
-FORWARDED_ENV = ("FNBOX_STATE_DIR", "FNBOX_SCRATCH_DIR", "FNBOX_UID_BASE", "FNBOX_SANDBOX_SLOTS", "FNBOX_SPARES")
 
 
 class Unavailable(Exception):
@@ -131,11 +130,9 @@ class _ForkServerProcess:
 
     def __init__(self, settings: Settings) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # No FNBOX_* variable and no secret: the settings follow as the first control message.
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": REPO_ROOT,
                "PYTHONDONTWRITEBYTECODE": "1"}
-        env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-        env["FNBOX_SCRATCH_DIR"] = settings.scratch_dir
-        env["FNBOX_STATE_DIR"] = settings.state_dir
         try:
             self.proc = subprocess.Popen(
                 [settings.python, "-m", "runner.forkserver", str(child.fileno())],
@@ -151,6 +148,7 @@ class _ForkServerProcess:
         self.dead = False
         parent.settimeout(START_TIMEOUT)
         try:
+            send_msg(parent, {"op": "settings", "settings": settings.to_dict()})
             msg, _ = recv_msg(parent)
         except OSError:
             msg = None
