@@ -303,8 +303,11 @@ class Supervisor:
         res_r, res_w = os.pipe()
         try:
             waiter = fs.register(call_id)
+            # The fork server gets the limits it enforces and nothing of the call's data: no [env] value (they go
+            # to the child over its stdin, below), no request, no result. Every child inherits the fork server's
+            # memory, so whatever it ever held could be read by any later call.
             msg = {"op": "spawn", "id": call_id, "function": inv.function, "functions_dir": inv.functions_dir,
-                   "profile": inv.profile.to_dict(), "request_id": inv.request_id}
+                   "profile": dict(inv.profile.to_dict(), env={})}
             try:
                 fs.send(msg, [stdin_r, out_w, res_w])
             except OSError:
@@ -318,7 +321,8 @@ class Supervisor:
             for fd in (stdin_r, out_w, res_w):
                 os.close(fd)
         sandbox_ms = (time.monotonic() - t0) * 1000
-        payload = encode_frame({"environ": inv.environ, "request_id": inv.request_id}) + inv.body
+        payload = encode_frame({"environ": inv.environ, "request_id": inv.request_id,
+                                "env": dict(inv.profile.env)}) + inv.body
         io = _CallIO(stdin_w, out_r, res_r, payload, inv.profile)
         deadline = t0 + inv.profile.timeout_s + GRACE
         drained = io.run(deadline, waiter)
