@@ -45,6 +45,21 @@ class LockTable:
             self._held.add(place)
             return True
 
+    def finishing(self, place: int) -> None:
+        """Marks a held place as held by a call that has answered and is ending: its write lock becomes a read
+        lock. Others still cannot claim it, but waiting_for_end() tells them it is about to be free."""
+        with self._lock:
+            if place in self._held:
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, place))
+
+    def any_finishing(self, places: range) -> bool:
+        """Whether some place is held (by another open file) by a call that has answered and is ending."""
+        for place in places:
+            got = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, place))
+            if _FLOCK.unpack(got[:_FLOCK.size])[0] == fcntl.F_RDLCK:
+                return True
+        return False
+
     def release(self, place: int) -> None:
         with self._lock:
             if place not in self._held:

@@ -62,6 +62,7 @@ class CallResult:
     max_rss_kb: int | None = None
     sandbox_ms: float = 0.0  # from the call's start until the spawn request was sent and acknowledged
     wall_ms: float = 0.0
+    answer_outcome: str | None = None  # set when the call ended otherwise than it answered (see _ended)
     _waiter: _Waiter | None = field(default=None, repr=False)
 
     @property
@@ -75,8 +76,19 @@ class CallResult:
             return True
         if not self._waiter.event.wait(timeout):
             return False
-        _fill_exit(self, self._waiter.msg or {})
+        self._ended(self._waiter.msg or {})
         return True
+
+    def _ended(self, msg: dict[str, Any]) -> None:
+        """The fork server's report for a call that answered before its processes were gone. A call ends when
+        its process tree ends: if it was then killed (its timeout, its memory) or died, that is its outcome,
+        whatever it answered (`answer_outcome` keeps what the client got)."""
+        _fill_exit(self, msg)
+        late = msg.get("outcome")
+        if self.outcome == outcomes.OK and late and late != outcomes.OK:
+            self.answer_outcome = self.outcome
+            self.outcome = late
+            self.message = f"{msg.get('message') or late} (after the function had answered)"
 
     def when_complete(self, fn: Callable[[CallResult], object]) -> None:
         """Runs fn(self) once the call's processes are all gone and its cpu/memory figures are known: at once if
@@ -86,7 +98,7 @@ class CallResult:
             return
 
         def complete(msg: dict[str, Any]) -> None:
-            _fill_exit(self, msg)
+            self._ended(msg)
             fn(self)
 
         self._waiter.then(complete)

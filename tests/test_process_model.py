@@ -3,9 +3,11 @@ validated result frames, and a worker that survives its fork server failing (iss
 
 from __future__ import annotations
 
-import os
+import json
 import secrets
+import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -130,4 +132,92 @@ def test_a_functions_own_env_still_reaches_it(server):
     assert r.status_code == 200 and r.json()["len"] == len(SECRET), r.text
 
 
-_ = (os, time)
+# -- a call ends when its process tree ends (finding 11) --------------------------------------------------------
+LINGER = """
+import json, os, struct, time
+def main(request):
+    # Answers by itself (a complete, valid result frame on fd 3), closes every pipe, and goes on running.
+    header = json.dumps({"kind": "response", "status": "200 OK",
+                         "headers": [["Content-Type", "text/plain"]]}).encode()
+    os.write(3, struct.pack(">I", len(header)) + header + b"early")
+    os.closerange(0, 4)
+    time.sleep(60)
+"""
+HELLO = "def main(request):\n    return 'hello'\n"
+LINGER_PROFILES = {"functions.toml": dedent("""
+    [linger]
+    timeout_s = 3
+    max_concurrency = 4
+    [linger_b]
+    timeout_s = 3
+    max_concurrency = 4
+""")}
+
+
+def burst(srv, names: list[str], n: int) -> list:
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(lambda i: srv.get(f"/function/{names[i % len(names)]}", timeout=30), range(n)))
+
+
+def wait_rows(srv, ids: list[str], timeout: float = 20.0) -> list[dict]:
+    """The history rows of these requests once every one is complete (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        db = sqlite3.connect(f"file:{srv.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute(
+                f"SELECT * FROM calls WHERE request_id IN ({','.join('?' * len(ids))})", ids)]
+        finally:
+            db.close()
+        if (len(rows) == len(ids) and all(r["complete"] for r in rows)) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(90)
+def test_calls_that_answer_and_keep_running_still_count_until_they_end(make_server):
+    srv = make_server(functions={"linger": LINGER, "hello": HELLO}, profiles=LINGER_PROFILES,
+                      env={"FNBOX_SANDBOX_SLOTS": "8"}).start()
+    answers = burst(srv, ["linger"], 24)
+    ok = [r for r in answers if r.status_code == 200]
+    busy = [r for r in answers if r.status_code == 503]
+    assert len(ok) + len(busy) == 24, [r.text for r in answers]
+    assert all(r.text == "early" for r in ok) and all(r.json()["error"] == "busy" for r in busy)
+    # max_concurrency = 4: 4 such calls run at once, whatever they answered; the rest waited, then got 503.
+    assert 1 <= len(ok) <= 4, len(ok)
+    assert "max_concurrency" in busy[0].json()["message"], busy[0].text
+    # The machine's 8 slots are not exhausted: hello runs meanwhile.
+    r = srv.get("/function/hello")
+    assert r.status_code == 200 and r.text == "hello", r.text
+    # History: each answered call ended with its timeout (its process kept running), not "ok" in a few ms.
+    rows = wait_rows(srv, [r.headers["X-Request-Id"] for r in ok])
+    assert len(rows) == len(ok), rows
+    for row in rows:
+        assert row["outcome"] == "timeout" and row["status"] == 200, row
+        assert row["duration_ms"] >= 3000, row  # the call's life, not the moment it answered
+    lines = [json.loads(line) for line in srv.read_log().splitlines() if line.startswith('{"time"')]
+    ended = {x["request_id"]: x for x in lines}
+    for r in ok:
+        rec = ended[r.headers["X-Request-Id"]]
+        assert rec["outcome"] == "timeout" and "after the function had answered" in rec["message"], rec
+
+
+@pytest.mark.timeout(90)
+def test_calls_that_answer_and_keep_running_cannot_pass_fnbox_max_calls(make_server):
+    srv = make_server(functions={"linger": LINGER, "linger_b": LINGER}, profiles=LINGER_PROFILES,
+                      env={"FNBOX_SANDBOX_SLOTS": "16", "FNBOX_MAX_CALLS": "3"}).start()
+    answers = burst(srv, ["linger", "linger_b"], 24)
+    ok = [r for r in answers if r.status_code == 200]
+    busy = [r for r in answers if r.status_code == 503]
+    assert len(ok) + len(busy) == 24, [r.text for r in answers]
+    assert 1 <= len(ok) <= 3, len(ok)
+    assert any("FNBOX_MAX_CALLS" in r.json()["message"] for r in busy), [r.text for r in busy]
+
+
+def test_a_function_called_in_a_loop_with_max_concurrency_1_never_sees_busy(make_server):
+    """A call that answered is still ending for a few ms: the next call waits for its place, no 503."""
+    srv = make_server(functions={"hello": HELLO},
+                      profiles={"functions.toml": "[hello]\nmax_concurrency = 1\n"}).start()
+    statuses = [srv.get("/function/hello").status_code for _ in range(30)]
+    assert statuses == [200] * 30, statuses
