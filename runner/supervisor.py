@@ -25,7 +25,17 @@ from typing import Any
 from runner import outcomes
 from runner.config import REPO_ROOT, Settings
 from runner.profiles import Profile
-from runner.protocol import MAX_HEADER, ProtocolError, encode_frame, recv_msg, send_msg, split_frame
+from runner.protocol import (
+    MAX_HEADER,
+    BadFrame,
+    ErrorFrame,
+    ResponseFrame,
+    Truncated,
+    encode_frame,
+    parse_result,
+    recv_msg,
+    send_msg,
+)
 
 START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
 GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
@@ -463,15 +473,18 @@ def _fill_exit(r: CallResult, exit_msg: dict[str, Any]) -> None:
 
 
 def _early_result(io: _CallIO) -> CallResult | None:
-    """The call's answer from a complete, valid result frame, before the exit report; None if there is none."""
+    """The call's answer from a complete result frame, before the exit report; None if there is none yet."""
     if not io.result_eof or io.overflow:
         return None
     try:
-        header, body = split_frame(bytes(io.result))
-    except ProtocolError:
+        frame = parse_result(bytes(io.result))
+    except Truncated:
         return None  # wait for the report: a crash, a kill or a limit explains it
+    except BadFrame as e:
+        return _bad_frame(CallResult(outcome=outcomes.OK, output=bytes(io.output),
+                                     output_dropped=io.output_dropped), e)
     r = CallResult(outcome=outcomes.OK, output=bytes(io.output), output_dropped=io.output_dropped)
-    _apply_frame(r, header, body)
+    _apply_frame(r, frame)
     return r
 
 
@@ -485,21 +498,29 @@ def _compose(exit_msg: dict[str, Any], io: _CallIO) -> CallResult:
     if r.outcome != outcomes.OK:
         return r
     try:
-        header, body = split_frame(bytes(io.result))
-    except ProtocolError as e:
+        frame = parse_result(bytes(io.result))
+    except Truncated as e:
         r.outcome, r.message = outcomes.CRASHED, f"the function's process sent no valid result ({e})"
         return r
-    _apply_frame(r, header, body)
+    except BadFrame as e:
+        return _bad_frame(r, e)
+    _apply_frame(r, frame)
     return r
 
 
-def _apply_frame(r: CallResult, header: dict[str, Any], body: bytes) -> None:
-    if header.get("kind") == "response":
-        r.status, r.body = str(header.get("status")), body
-        r.headers = [(str(k), str(v)) for k, v in header.get("headers", [])]
+def _bad_frame(r: CallResult, e: BadFrame) -> CallResult:
+    """User code wrote its own result on fd 3, and it does not hold: the function's error, not the platform's."""
+    r.outcome = outcomes.FUNCTION_ERROR
+    r.error_type = "InvalidResult"
+    r.message = f"the function's process sent an invalid result: {e}"
+    return r
+
+
+def _apply_frame(r: CallResult, frame: ResponseFrame | ErrorFrame) -> None:
+    if isinstance(frame, ResponseFrame):
+        r.status, r.headers, r.body = frame.status, frame.headers, frame.body
         return
-    outcome = header.get("outcome")
-    r.outcome = outcome if outcome in outcomes.ALL and outcome != outcomes.OK else outcomes.CRASHED
-    r.message = str(header.get("message", ""))
-    r.error_type = header.get("type")
-    r.traceback = header.get("traceback")
+    r.outcome = frame.outcome
+    r.message = frame.message
+    r.error_type = frame.type
+    r.traceback = frame.traceback

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import dedent, server_fixture
+from tests.helpers import assert_error, log_line, new_request_id
 
 # The secret is sent to the scanner in two halves, never joined in its memory: a contiguous copy found there can
 # only come from what the fork server (every call's parent) held.
@@ -108,8 +109,33 @@ PROFILES = {"functions.toml": dedent(f"""
     network = true
 """)}
 
-server = server_fixture(functions={"secretive": SECRETIVE, "secretive_net": SECRETIVE, "scanner": SCANNER,
-                                   "scanner_net": SCANNER}, profiles=PROFILES)
+# -- every result frame is validated (finding 12): a function can write anything on fd 3 ------------------------
+BAD_FRAMES = {
+    "three_tuple_headers": 'frame({"kind": "response", "status": "200 OK", "headers": [["A", "b", "c"]]})',
+    "null_headers": 'frame({"kind": "response", "status": "200 OK", "headers": None})',
+    "text_status": 'frame({"kind": "response", "status": "abc", "headers": []})',
+    "out_of_range_status": 'frame({"kind": "response", "status": 999, "headers": []})',
+    "deep_json": 'raw(b"[" * 200000 + b"]" * 200000)',
+    "not_json": 'raw(b"this is not JSON")',
+    "oversized_header": 'os.write(3, struct.pack(">I", 2 << 20) + b"{")',
+    "header_injection": 'frame({"kind": "response", "status": "200 OK", '
+                        '"headers": [["X-A", "1\\r\\nSet-Cookie: x=1"]]})',
+    "ok_error_frame": 'frame({"kind": "error", "outcome": "ok"})',
+}
+BAD_FRAME_SRC = """
+import json, os, struct
+def raw(header):
+    os.write(3, struct.pack(">I", len(header)) + header)
+def frame(header):
+    raw(json.dumps(header).encode())
+def main(request):
+    {stmt}
+    os.closerange(0, 4)
+    os._exit(0)
+"""
+FUNCTIONS = {"secretive": SECRETIVE, "secretive_net": SECRETIVE, "scanner": SCANNER, "scanner_net": SCANNER,
+             **{f"bad_{k}": BAD_FRAME_SRC.replace("{stmt}", v) for k, v in BAD_FRAMES.items()}}
+server = server_fixture(functions=FUNCTIONS, profiles=PROFILES)
 
 
 @pytest.mark.timeout(120)
@@ -130,6 +156,20 @@ def test_a_call_finds_no_other_functions_secret_anywhere_in_its_memory(server):
 def test_a_functions_own_env_still_reaches_it(server):
     r = server.get("/function/secretive")
     assert r.status_code == 200 and r.json()["len"] == len(SECRET), r.text
+
+
+@pytest.mark.parametrize("shape", sorted(BAD_FRAMES))
+def test_a_malformed_result_frame_is_a_function_error_with_a_log_line_and_a_history_row(server, shape):
+    rid = new_request_id()
+    r = server.get(f"/function/bad_{shape}", headers={"X-Request-Id": rid})
+    doc = assert_error(r, 500, "function_error", f"bad_{shape}")
+    assert "invalid result" in doc["message"], doc
+    assert "Set-Cookie" not in r.headers
+    line = log_line(server, rid)
+    assert line["outcome"] == "function_error" and line["status"] == 500, line
+    rows = wait_rows(server, [rid])
+    assert len(rows) == 1 and rows[0]["outcome"] == "function_error" and rows[0]["status"] == 500, rows
+    assert server.get("/function/secretive").status_code == 200  # and the server goes on
 
 
 # -- a call ends when its process tree ends (finding 11) --------------------------------------------------------
