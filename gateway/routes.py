@@ -125,6 +125,7 @@ def healthz() -> tuple[Response, int]:
         "sandbox": rt.supervisor.layers,
         "profiles_error": rt.profiles.error,
         "error": None if pong else (rt.supervisor.last_error or "the fork server does not answer"),
+        "fork_server_retrying": rt.supervisor.retrying,
         "worker_pid": os.getpid(),
     }
     return jsonify(body), 200 if pong else 503

@@ -38,6 +38,7 @@ from runner.protocol import (
 )
 
 START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
+RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # backoff between attempts to start a fork server that failed to start
 GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
 
 
@@ -176,7 +177,8 @@ class _ForkServerProcess:
             msg = None
         if not msg or msg.get("op") != "ready":
             self.kill()
-            raise Unavailable("the fork server did not start")
+            code = self.proc.returncode
+            raise Unavailable("the fork server did not start" + (f" (it exited with {code})" if code else ""))
         parent.settimeout(None)
         self.pid: int = msg["pid"]
         self.layers: dict[str, str] = msg.get("layers", {})
@@ -229,11 +231,53 @@ class Supervisor:
         self._closing = False
         self.restarts = 0
         self.last_error: str | None = None
+        self._retrying: threading.Thread | None = None
+        self.next_attempt = 0.0  # monotonic time of the next start attempt while retrying
+        self._wake = threading.Event()  # ends a retry's wait early when the server closes
 
     # -- fork server lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Starts the fork server now; raises Unavailable if it cannot (`fnbox run`)."""
         with self._lock:
             self._ensure_locked()
+
+    def start_or_retry(self) -> None:
+        """Starts the fork server, or, when it cannot start, keeps trying in the background with backoff. Never
+        raises: a Gunicorn worker that fails to boot makes the master stop the whole server, whereas a worker
+        without a fork server answers 503 unavailable (and /healthz says why) until the cause is gone."""
+        try:
+            self.start()
+        except Unavailable as e:
+            print(f"fnbox: {e}; retrying in the background", file=sys.stderr)
+            self._retry_in_background()
+
+    def _retry_in_background(self) -> None:
+        with self._lock:
+            if self._closing or (self._retrying is not None and self._retrying.is_alive()):
+                return
+            self._retrying = threading.Thread(target=self._retry_loop, name="fnbox-forkserver-retry", daemon=True)
+            self._retrying.start()
+
+    def _retry_loop(self) -> None:
+        delay = RETRY_FIRST
+        while not self._closing:
+            self.next_attempt = time.monotonic() + delay
+            self._wake.wait(delay)
+            if self._closing:
+                return
+            try:
+                self.start()
+            except Unavailable as e:
+                delay = min(RETRY_MAX, delay * 2)
+                print(f"fnbox: {e}; next attempt in {delay:g} s", file=sys.stderr)
+                continue
+            print(f"fnbox: fork server {self.pid} started", file=sys.stderr)
+            return
+
+    @property
+    def retrying(self) -> bool:
+        t = self._retrying
+        return t is not None and t.is_alive()
 
     def _ensure_locked(self) -> _ForkServerProcess:
         if self._closing:
@@ -254,8 +298,15 @@ class Supervisor:
         fs = self._fs
         if fs is not None and not fs.dead:
             return fs
-        with self._lock:
-            return self._ensure_locked()
+        if self.retrying:  # a call never waits for a start: the retry thread owns them until one succeeds
+            raise Unavailable(f"{self.last_error or 'the fork server is not running'} (retrying)")
+        try:
+            with self._lock:
+                return self._ensure_locked()
+        except Unavailable:
+            if not self._closing:
+                self._retry_in_background()
+            raise
 
     def _read_loop(self, fs: _ForkServerProcess) -> None:
         while True:
@@ -280,13 +331,11 @@ class Supervisor:
             if self._on_restart:
                 self._on_restart()
             print(f"fnbox: fork server {fs.pid} exited ({fs.proc.returncode}); restarting", file=sys.stderr)
-            try:
-                self.start()
-            except Unavailable as e:
-                print(f"fnbox: {e}", file=sys.stderr)
+            self.start_or_retry()
 
     def close(self) -> None:
         self._closing = True
+        self._wake.set()
         with self._lock:
             fs, self._fs = self._fs, None
         if fs is not None:

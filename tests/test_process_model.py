@@ -4,14 +4,19 @@ validated result frames, and a worker that survives its fork server failing (iss
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import signal
 import sqlite3
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
-from tests.conftest import dedent, server_fixture
+from tests.conftest import REPO, dedent, server_fixture
 from tests.helpers import assert_error, log_line, new_request_id
 
 # The secret is sent to the scanner in two halves, never joined in its memory: a contiguous copy found there can
@@ -261,3 +266,84 @@ def test_a_function_called_in_a_loop_with_max_concurrency_1_never_sees_busy(make
                       profiles={"functions.toml": "[hello]\nmax_concurrency = 1\n"}).start()
     statuses = [srv.get("/function/hello").status_code for _ in range(30)]
     assert statuses == [200] * 30, statuses
+
+
+# -- a failing fork server never takes the server down ----------------------------------------------------------
+@pytest.fixture
+def gated_python():
+    """An interpreter that runs only while a flag file exists: FNBOX_PYTHON pointing at it makes every fork
+    server start fail (it exits at once) until the test creates the flag."""
+    d = tempfile.mkdtemp(prefix="fnbox-test-python-", dir="/tmp")
+    flag = os.path.join(d, "ok")
+    script = os.path.join(d, "python")
+    real = os.path.join(REPO, ".venv", "bin", "python")  # the venv (its site-packages) comes from this path
+    with open(script, "w") as f:
+        f.write(f'#!/bin/sh\n[ -e "{flag}" ] || exit 42\nexec "{real}" "$@"\n')
+    os.chmod(script, 0o755)
+    yield script, flag
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def wait_health(srv, want: int, timeout: float = 40.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert srv.proc.poll() is None, srv.read_log()[-3000:]
+        try:
+            r = srv.get("/healthz", timeout=10)
+        except requests.ConnectionError:  # still binding its port
+            r = None
+        if (r is not None and r.status_code == want) or time.monotonic() > deadline:
+            assert r is not None and r.status_code == want, r.text if r is not None else "no answer"
+            return r.json()
+        time.sleep(0.1)
+
+
+def wait_calls_ok(srv, run: int = 8, timeout: float = 40.0) -> None:
+    """Both workers' fork servers are back: `run` calls in a row answer 200 (bounded wait; each worker retries on
+    its own backoff)."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < run:
+        r = srv.get("/function/hello")
+        streak = streak + 1 if r.status_code == 200 else 0
+        if r.status_code != 200:
+            assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+    assert srv.get("/healthz").status_code == 200
+
+
+def fork_server_pid(srv) -> int:
+    return srv.get("/healthz").json()["fork_server_pid"]
+
+
+@pytest.mark.timeout(120)
+def test_a_fork_server_that_cannot_start_leaves_the_server_up_answering_503_until_it_can(make_server, gated_python):
+    python, flag = gated_python
+    srv = make_server(functions={"hello": HELLO}, env={"FNBOX_PYTHON": python}, workers=2)
+    srv.start(wait=False)
+    # Booting workers whose fork server cannot start: the server stays up (no "Worker failed to boot").
+    health = wait_health(srv, 503)
+    assert health["status"] == "unavailable" and "exited with 42" in health["error"], health
+    assert health["fork_server_retrying"] is True, health
+    assert_error(srv.get("/function/hello"), 503, "unavailable", "hello")
+    assert srv.proc.poll() is None
+    # The cause goes away: the worker's retry (with backoff) starts the fork server, calls run again.
+    open(flag, "w").close()
+    wait_calls_ok(srv)
+    # Later: the fork server dies (kill -9) while it cannot be restarted.
+    os.unlink(flag)
+    pid = fork_server_pid(srv)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        r = srv.get("/function/hello")
+        if r.status_code == 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    doc = assert_error(r, 503, "unavailable", "hello")
+    assert "exited with 42" in doc["message"] or "not running" in doc["message"], doc
+    assert srv.proc.poll() is None
+    open(flag, "w").close()
+    wait_calls_ok(srv)
+    assert srv.proc.poll() is None
