@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
+from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from gateway.deploy import DeployError, valid_name
+from gateway.deploy import MAX_NAME, DeployError, valid_name
 from gateway.errors import GatewayError, error_response
-from runner.profiles import function_names
+from gateway.routes import function_exists
+from runner.profiles import Profile, function_names
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 MAX_DEPLOY_BYTES = 20 * 1024 * 1024
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+MASK = "***"
 
 
 @bp.before_request
@@ -33,9 +37,11 @@ def _rt():
 
 
 def _check_name(name: str) -> None:
-    g.function = name
+    g.function = name if len(name) <= MAX_NAME else None
     if not valid_name(name):
-        raise GatewayError("invalid_name", f"{name!r} is not a valid function name")
+        shown = name if len(name) <= MAX_NAME else name[:MAX_NAME] + "..."
+        raise GatewayError("invalid_name", f"{shown!r} is not a valid function name: a Python identifier of at "
+                           f"most {MAX_NAME} characters, not starting with _ (e.g. my_func, not my-func)")
 
 
 def _deploy_error(e: DeployError) -> GatewayError:
@@ -88,6 +94,13 @@ def delete(name: str) -> Response:
     return jsonify({"function": name, "deleted": True})
 
 
+def masked_limits(profile: Profile) -> dict[str, Any]:
+    """A profile's limits for the API: `[env]` values are secrets (tokens, passwords), so only their names show."""
+    d = profile.to_dict()
+    d["env"] = {k: MASK for k in d["env"]}
+    return d
+
+
 @bp.get("/functions")
 def listing() -> Response:
     rt = _rt()
@@ -101,7 +114,7 @@ def listing() -> Response:
         c = counts.get(name, {})
         out.append({"name": name, "version": cur,
                     "deployed_at": vs[cur].to_dict()["deployed"] if cur in vs else None,
-                    "limits": pset.for_function(name).to_dict(), "calls": sum(c.values()),
+                    "limits": masked_limits(pset.for_function(name)), "calls": sum(c.values()),
                     "errors": sum(n for k, n in c.items() if k != "ok"), "calls_by_outcome": c})
     return jsonify({"functions": out})
 
@@ -112,9 +125,22 @@ def calls(name: str) -> Response:
     raw = request.args.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise GatewayError("bad_request", "limit must be an integer from 1 to 1000")
+    errors = request.args.get("errors", "0")
+    if errors not in ("0", "1", "true", "false"):
+        raise GatewayError("bad_request", "errors must be 1 or 0")
+    since = None
+    if "since" in request.args:
+        try:
+            since = float(request.args["since"])
+        except ValueError:
+            raise GatewayError("bad_request", "since must be a unix time in seconds") from None
     rt = _rt()
     rt.history.flush(1.0)
-    return jsonify({"function": name, "calls": rt.history.calls(name, int(raw), request.args.get("outcome"))})
+    rows = rt.history.calls(name, int(raw), request.args.get("outcome"), errors in ("1", "true"), since)
+    if not rows and not (function_exists(rt.settings.functions_dir, name) or rt.store.versions(name)
+                         or rt.history.known(name)):
+        raise GatewayError("not_found", f"no function named {name!r} (and no call of one in the history)")
+    return jsonify({"function": name, "calls": rows})
 
 
 @bp.get("/calls/<request_id>")

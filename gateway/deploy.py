@@ -34,8 +34,11 @@ class DeployError(Exception):
         self.code, self.message, self.extra = code, message, extra
 
 
+MAX_NAME = 64  # as Cloud Functions' 63; leaves room under NAME_MAX (255) for the deploy's temporary names
+
+
 def valid_name(name: str) -> bool:
-    return name.isidentifier() and not name.startswith("_")
+    return name.isidentifier() and not name.startswith("_") and len(name) <= MAX_NAME
 
 
 def _compile(source: bytes, filename: str) -> None:

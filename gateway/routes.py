@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from gateway import metrics
 from gateway.calllog import call_record, complete, emit
-from gateway.errors import GatewayError, error_response
+from gateway.errors import GatewayError, error_response, exception_extra
 from gateway.messages import environ_message, read_body, to_response
 from runner import outcomes
 from runner.supervisor import CallResult, Invocation, Unavailable
@@ -70,13 +70,7 @@ def invoke(name: str, subpath: str) -> Response:
         if result.outcome == outcomes.OK:
             resp = to_response(result)
         else:
-            extra = {}
-            if result.outcome == outcomes.FUNCTION_ERROR:
-                extra["type"] = result.error_type
-                if profile.traceback:
-                    extra["traceback"] = result.traceback
-            elif result.outcome == outcomes.CRASHED:
-                extra.update(exitcode=result.exitcode, signal=result.signal)
+            extra = exception_extra(result, profile.traceback)
             message = result.message or result.outcome
             resp = error_response(result.outcome, message, function=name, request_id=g.request_id, **extra)
         outcome, message = result.outcome, result.message
@@ -128,6 +122,7 @@ def healthz() -> tuple[Response, int]:
         "max_calls": rt.limiter.max_calls,
         "sandbox": rt.supervisor.layers,
         "profiles_error": rt.profiles.error,
+        "history": rt.history.health(),  # this worker's: records lost, database errors
         "error": None if pong else (rt.supervisor.last_error or "the fork server does not answer"),
         "worker_pid": os.getpid(),
     }

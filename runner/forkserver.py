@@ -234,7 +234,7 @@ class ForkServer:
                 enter(profile, slot, scratch, fds, self.data_base, self.layers)
                 from runner import child
 
-                child.main(msg["functions_dir"], msg["function"], profile.max_response_kb)
+                child.main(msg["functions_dir"], msg["function"], profile)
             except BaseException as e:
                 try:
                     os.write(2, f"fnbox: sandbox setup failed: {e!r}\n".encode())
@@ -289,7 +289,7 @@ class ForkServer:
                     return
                 profile = Profile.from_dict(assignment["profile"])
                 assign(profile, slot, assignment["scratch"], fds, data_usage())
-                child.main(assignment["functions_dir"], assignment["function"], profile.max_response_kb)
+                child.main(assignment["functions_dir"], assignment["function"], profile)
             except BaseException as e:
                 try:
                     os.write(2, f"fnbox: spare sandbox failed: {e!r}\n".encode())

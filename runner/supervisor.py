@@ -54,7 +54,8 @@ class CallResult:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     error_type: str | None = None
-    traceback: str | None = None
+    traceback: str | None = None  # from the function's own first frame on
+    full_traceback: str | None = None  # with the runner's and Flask's frames, for the server log
     output: bytes = b""
     output_dropped: int = 0
     exitcode: int | None = None
@@ -136,6 +137,7 @@ class _ForkServerProcess:
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         env["FNBOX_SCRATCH_DIR"] = settings.scratch_dir
         env["FNBOX_STATE_DIR"] = settings.state_dir
+        env["FNBOX_DATA_DIR"] = settings.data_dir  # where function dependencies are (runner/deps.py)
         try:
             self.proc = subprocess.Popen(
                 [settings.python, "-m", "runner.forkserver", str(child.fileno())],
@@ -489,3 +491,4 @@ def _apply_frame(r: CallResult, header: dict[str, Any], body: bytes) -> None:
     r.message = str(header.get("message", ""))
     r.error_type = header.get("type")
     r.traceback = header.get("traceback")
+    r.full_traceback = header.get("full_traceback")
