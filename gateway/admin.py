@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from gateway import openapi
 from gateway.deploy import MAX_NAME, DeployError, valid_name
 from gateway.errors import GatewayError, error_response
 from gateway.routes import function_exists
@@ -28,6 +29,8 @@ MASK = "***"
 
 @bp.before_request
 def _authenticate() -> None:
+    if request.endpoint == "admin.openapi_document":
+        return  # the API's description holds no secret
     token = current_app.extensions["fnbox"].admin_token
     header = request.headers.get("Authorization", "")
     given = header[7:] if header.startswith("Bearer ") else ""
@@ -49,6 +52,11 @@ def _check_name(name: str) -> None:
 
 def _deploy_error(e: DeployError) -> GatewayError:
     return GatewayError(e.code, e.message, **e.extra)
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    return jsonify(openapi.document())
 
 
 @bp.put("/functions/<name>")
