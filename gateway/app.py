@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
                               "server log has the details", function=g.get("function"), request_id=rid)
 
     if not rt.admin_token:
-        @app.route("/admin", defaults={"rest": ""}, methods=admin.METHODS)
+        @app.route("/admin", defaults={"rest": ""}, methods=admin.METHODS, strict_slashes=False)
         @app.route("/admin/<path:rest>", methods=admin.METHODS)
         def _admin_off(rest: str) -> Response:
             raise GatewayError("admin_disabled", "the admin API is off on this server: start it with "

@@ -33,9 +33,12 @@ def site_packages(data_dir: str) -> str:
 
 
 def _default_dir() -> str:
-    from runner.config import Settings
+    from runner.config import ConfigError, Settings
 
-    return site_packages(Settings.from_env().data_dir)
+    try:
+        return site_packages(Settings.from_env().data_dir)
+    except ConfigError:  # another FNBOX_* variable is bad: the server refuses to start and says which
+        return site_packages(os.path.abspath(os.environ.get("FNBOX_DATA_DIR") or "var"))
 
 
 # Read once in the fork server (whose environment has FNBOX_DATA_DIR), before a call's environment is scrubbed.

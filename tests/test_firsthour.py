@@ -247,3 +247,21 @@ def test_unexpected_gateway_exceptions_and_werkzeug_413_are_json(tmp_path):
     r = client.get("/test-too-large")
     assert r.status_code == 413 and r.json["error"] == "request_too_large"
     app.extensions["fnbox"].history.close()
+
+
+# -- the history writer -----------------------------------------------------------------------------------------
+def test_a_read_does_not_wait_for_retention(tmp_path, monkeypatch):
+    """flush() (what every admin read does first) returns once the records are written, even while the
+    retention pass waits for the calls to pause."""
+    from gateway import history
+
+    monkeypatch.setattr(history, "PRUNE_IDLE_S", 30.0)  # retention would run only after 30 idle seconds
+    h = history.History(str(tmp_path / "h.sqlite3"), max_rows=1, wait_s=0)
+    try:
+        for n in range(3):
+            h.record({"time": 1.0 + n, "request_id": f"r{n}", "function": "f", "outcome": "ok"})
+        assert h.flush(timeout=5.0)
+        assert h.count() == 3  # written, not pruned yet: retention did not hold the read back
+        assert h.health() == {"dropped": 0, "write_errors": 0, "error": None}
+    finally:
+        h.close(timeout=5.0)
