@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from gateway import metrics
 from gateway.admission import Busy, Ticket
-from gateway.errors import GatewayError, error_response
+from gateway.errors import GatewayError, error_response, exception_extra
 from gateway.messages import environ_message, read_body, to_response
 from gateway.recorder import CallRecorder
 from runner import outcomes
@@ -100,13 +100,7 @@ def _call_response(rt: Any, name: str, profile: Profile, result: CallResult) -> 
                           "be readable by every user (o+rx); `python -m runner.doctor` checks this")
     if result.outcome == outcomes.OK:
         return to_response(result)
-    extra: dict[str, Any] = {}
-    if result.outcome == outcomes.FUNCTION_ERROR:
-        extra["type"] = result.error_type
-        if profile.traceback:
-            extra["traceback"] = result.traceback
-    elif result.outcome == outcomes.CRASHED:
-        extra.update(exitcode=result.exitcode, signal=result.signal)
+    extra = exception_extra(result, profile.traceback)
     message = result.message or result.outcome
     return error_response(result.outcome, message, function=name, request_id=g.request_id, **extra)
 
@@ -124,6 +118,7 @@ def healthz() -> tuple[Response, int]:
         "max_calls": rt.limiter.max_calls,
         "sandbox": rt.supervisor.layers,
         "profiles_error": rt.profiles.error,
+        "history": rt.history.health(),  # this worker's: records lost, database errors
         "error": None if pong else (rt.supervisor.last_error or "the fork server does not answer"),
         "fork_server_retrying": rt.supervisor.retrying,
         "worker_pid": os.getpid(),

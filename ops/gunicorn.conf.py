@@ -30,13 +30,43 @@ forwarded_allow_ips = os.environ.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1
 
 def _metrics_dir():
     # prometheus_client's multiprocess mode: one fresh directory per server, set before any worker exists.
+    import atexit
+    import shutil
     import tempfile
 
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fnbox-metrics-")
+        path = tempfile.mkdtemp(prefix="fnbox-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        master = os.getpid()
+        # A start that fails (a busy port, a bad profile) never reaches on_exit: remove the folder anyway, in
+        # this process only (workers are forks of it and must not remove it when they exit).
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(path, ignore_errors=True))
 
 
 _metrics_dir()
+
+
+def _refuse_busy_address():
+    """Gunicorn retries a busy address five times, repeating its error: say once which variable moves it."""
+    import socket
+
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
+        return  # re-exec (USR2) or socket activation: the listeners are inherited, the address is ours
+    for addr in bind:
+        host, sep, port = addr.rpartition(":")
+        if not sep or addr.startswith(("unix:", "fd://")) or not port.isdigit():
+            continue
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds: TIME_WAIT is not busy
+            try:
+                s.bind((host, int(port)))
+            except OSError as e:
+                print(f"fnbox: cannot listen on {addr}: {e.strerror}. Another server has it (a `make run` still "
+                      "running? `make stop` ends it). Set FNBOX_BIND=host:port to use another address, e.g. "
+                      f"FNBOX_BIND={host}:{int(port) + 1} make run", file=sys.stderr)
+                sys.exit(1)
 
 
 def child_exit(server, worker):
@@ -52,6 +82,7 @@ def on_exit(server):
 
 
 def on_starting(server):
+    _refuse_busy_address()
     # Refuse to start with an invalid profile folder, saying which file, key and why.
     from runner.config import ConfigError, Settings, max_calls_for
     from runner.profiles import ProfileError, load_profiles

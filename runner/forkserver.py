@@ -234,7 +234,7 @@ class ForkServer:
                 enter(profile, slot, scratch, fds, self.data_base, self.layers)
                 from runner import child
 
-                child.main(msg["functions_dir"], msg["function"], profile.max_response_kb)
+                child.main(msg["functions_dir"], msg["function"], profile)
             except BaseException as e:
                 try:
                     os.write(2, f"fnbox: sandbox setup failed: {e!r}\n".encode())
@@ -289,7 +289,7 @@ class ForkServer:
                     return
                 profile = Profile.from_dict(assignment["profile"])
                 assign(profile, slot, assignment["scratch"], fds, data_usage())
-                child.main(assignment["functions_dir"], assignment["function"], profile.max_response_kb)
+                child.main(assignment["functions_dir"], assignment["function"], profile)
             except BaseException as e:
                 try:
                     os.write(2, f"fnbox: spare sandbox failed: {e!r}\n".encode())
@@ -490,7 +490,11 @@ def main() -> None:
     msg, _ = recv_msg(sock)
     if not msg or msg.get("op") != "settings":
         sys.exit(2)
-    server = ForkServer(sock, Settings.from_dict(msg["settings"]))
+    settings = Settings.from_dict(msg["settings"])
+    server = ForkServer(sock, settings)
+    from runner import deps
+
+    deps.SITE_PACKAGES = deps.site_packages(settings.data_dir)  # calls import the functions' packages from here
     # Warm everything a call needs before the first fork, so no child pays for an import.
     from runner import child
 

@@ -48,7 +48,8 @@ class Profile:
     max_log_kb: int = 64  # captured stdout/stderr kept; the rest is dropped and counted
     network: bool = False  # False: an empty network namespace (no route anywhere, not even loopback)
     max_concurrency: int = 8  # calls of this function in flight; more is 503 busy
-    traceback: bool = False  # include the traceback in function_error bodies
+    traceback: bool = False  # include the (user-frames) traceback in function_error bodies
+    entry_point: str = "main"  # the module's function a call runs, as Cloud Functions' --entry-point
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     profile: str = "default"  # which named profile this came from (informational)
 
@@ -77,7 +78,7 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "max_concurrency": ((int,), 1),
 }
 _BOOLS = ("network", "traceback")
-PROFILE_KEYS = frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env"}
+PROFILE_KEYS = frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point"}
 # Environment variables the sandbox always sets itself; a profile may not override them.
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "PWD"})
 
@@ -86,6 +87,10 @@ def _check_value(path: str, key: str, value: Any) -> Any:
     if key in _BOOLS:
         if not isinstance(value, bool):
             raise ProfileError(path, key, f"must be true or false, not {value!r}")
+        return value
+    if key == "entry_point":
+        if not isinstance(value, str) or not value.isidentifier():
+            raise ProfileError(path, key, f"must be the name of a function in the module, not {value!r}")
         return value
     if key == "env":
         if not isinstance(value, dict):
@@ -239,7 +244,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def effective_table(pset: ProfileSet, names: list[str]) -> str:
     cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_request_kb",
-            "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback"]
+            "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback", "entry_point"]
     rows = [["function", "profile", *cols, "env"]]
     for name in names:
         p = pset.for_function(name)

@@ -64,7 +64,8 @@ class CallResult:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     error_type: str | None = None
-    traceback: str | None = None
+    traceback: str | None = None  # from the function's own first frame on
+    full_traceback: str | None = None  # with the runner's and Flask's frames, for the server log
     output: bytes = b""
     output_dropped: int = 0
     exitcode: int | None = None
@@ -573,3 +574,5 @@ def _apply_frame(r: CallResult, frame: ResponseFrame | ErrorFrame) -> None:
     r.message = frame.message
     r.error_type = frame.type
     r.traceback = frame.traceback
+    full = frame.header.get("full_traceback")
+    r.full_traceback = full if isinstance(full, str) else None  # for the server log only

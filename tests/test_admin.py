@@ -121,7 +121,8 @@ def test_admin_is_404_without_a_token(make_server):
                          ("GET", "/admin/functions/hello/calls"), ("GET", "/admin/")]:
         for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {TOKEN}"}):
             r = s.request(method, path, headers=headers, data=b"def main(request):\n    return 'x'\n")
-            assert_error(r, 404, "not_found")
+            doc = assert_error(r, 404, "admin_disabled")  # and it says how to turn it on
+            assert "FNBOX_ADMIN_TOKEN" in doc["message"]
     # Nothing was deployed or deleted: the hand-placed function still answers as before.
     assert s.get("/function/hello").text == "hello"
     assert not os.path.exists(os.path.join(s.data_dir, "versions", "hello"))

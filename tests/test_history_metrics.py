@@ -195,7 +195,7 @@ def test_calls_endpoint_limit_and_outcome(server):
     doc = admin(server, "/functions/flaky/calls", params={"outcome": "ok", "limit": 1}).json()
     assert [c["request_id"] for c in doc["calls"]] == [rids[4]]
     assert admin(server, "/functions/flaky/calls", params={"outcome": "timeout"}).json()["calls"] == []
-    assert admin(server, "/functions/nosuchfn/calls").json()["calls"] == []
+    assert admin(server, "/functions/nosuchfn/calls").status_code == 404  # not a function: say so
 
     for bad in ("0", "-1", "abc", "1001"):
         r = admin(server, "/functions/flaky/calls", params={"limit": bad})
@@ -439,6 +439,14 @@ def test_a_broken_history_is_a_clear_503_and_never_fails_a_call(small_server):
             r = admin(s, path)
             assert r.status_code == 503, r.text
             assert r.json()["error"] == "unavailable" and "history" in r.json()["message"]
+        # /healthz says so: the answering worker's writer lost the record (each worker reports its own; a call
+        # per request makes the answering worker one that failed).
+        for _ in range(20):
+            assert s.get("/function/m_ok").status_code == 200
+            hist = s.get("/healthz").json()["history"]
+            if hist["dropped"]:
+                break
+        assert hist["dropped"] >= 1 and hist["write_errors"] >= 1 and hist["error"], hist
     finally:
         os.rmdir(s.db_path)
         os.replace(moved, s.db_path)
