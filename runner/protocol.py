@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from runner import outcomes
+
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20  # a header bigger than this is a protocol violation, not a big request
 
@@ -73,7 +75,8 @@ class Truncated(ProtocolError):
 _STATUS = re.compile(r"^[1-5][0-9][0-9](?: [^\r\n\x00]{0,200})?$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
-ERROR_OUTCOMES = frozenset({"not_found", "no_main", "function_error", "memory_limit", "output_limit"})
+ERROR_OUTCOMES = frozenset({outcomes.NOT_FOUND, outcomes.NO_ENTRY_POINT, outcomes.FUNCTION_ERROR,
+                            outcomes.MISSING_DEPENDENCY, outcomes.MEMORY_LIMIT, outcomes.OUTPUT_LIMIT})
 
 
 @dataclass(frozen=True)
