@@ -600,7 +600,7 @@ ATTACKS: list[Attack] = [
                     except OSError:
                         pass
             return "clobbered"
-    """, 502, "crashed"),
+    """, 500, "function_error"),  # "garbage" on fd 3 is a malformed result frame: the function's error
 ]
 BY_NAME = {a.name: a for a in ATTACKS}
 
