@@ -347,3 +347,21 @@ def test_a_fork_server_that_cannot_start_leaves_the_server_up_answering_503_unti
     open(flag, "w").close()
     wait_calls_ok(srv)
     assert srv.proc.poll() is None
+
+
+# -- the start-up log -------------------------------------------------------------------------------------------
+def test_the_start_up_log_names_the_sandbox_layers_the_admin_api_and_exposed_secrets(make_server):
+    quiet = make_server(functions={"hello": HELLO}).start()
+    log = quiet.read_log()
+    assert "fnbox: sandbox layer memory_cgroup: " in log and "fnbox: sandbox layer uid_pool: " in log, log
+    assert "layers active" in log and "admin API: off" in log, log
+    assert "readable by other users" not in log, log  # the harness's profiles folder is 0700
+    loud = make_server(functions={"hello": HELLO}, env={"FNBOX_ADMIN_TOKEN": "t0ken"})
+    os.chmod(loud.profiles_dir, 0o755)  # as a fresh clone's sandbox_profiles/ is
+    loud.start()
+    log = loud.read_log()
+    assert "admin API: on" in log and "t0ken" not in log, log
+    warning = [line for line in log.splitlines() if "readable by other users" in line]
+    assert len(warning) == 1 and "[WARNING]" in warning[0] and "functions.toml" in warning[0], log
+    expected = "DEGRADED" if os.geteuid() != 0 else "active"
+    assert f"sandbox layer uid_pool: {expected}" in log, log
