@@ -10,13 +10,10 @@ from runner.config import Settings
 
 
 def layer_lines(settings: Settings) -> list[tuple[bool, str]]:
-    """(degraded, line) per sandbox layer, as runner.doctor and /healthz report them."""
-    from runner.sandbox import probe_layers
+    """(degraded, line) per sandbox layer: runner.doctor's structured checks (what /healthz shows too)."""
+    from runner.doctor import layer_checks
 
-    out = []
-    for name, status in probe_layers(settings).describe().items():
-        out.append((not status.startswith("active"), f"sandbox layer {name}: {status}"))
-    return out
+    return [(not c.ok, f"sandbox layer {c.name}: {c.status}: {c.detail}") for c in layer_checks(settings)]
 
 
 def profiles_exposure(profiles_dir: str) -> list[str]:
