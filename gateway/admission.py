@@ -71,9 +71,11 @@ class Ticket:
             places, self._places = self._places, []
             answered = self._answered
         for key, place in places:
+            # Free first, then stop counting it as finishing: a newcomer that saw every place taken keeps waiting
+            # as long as the count says one is about to be free.
+            self._limiter._release(key, place)
             if answered:
                 self._limiter._finishing(key, place, -1)
-            self._limiter._release(key, place)
 
     def __enter__(self) -> Ticket:
         return self

@@ -30,6 +30,8 @@ class CallRecorder:
 
     def answered(self, status: int, outcome: str, message: str, result: CallResult | None) -> None:
         total_ms = (time.monotonic() - self.t0) * 1000
+        if result is not None and result.answer_outcome is not None:  # it already ended otherwise
+            outcome, message = result.outcome, result.message
         self.record = call_record(request_id=self.request_id, function=self.function, method=self.method,
                                   path=self.path, status=status, outcome=outcome, duration_ms=total_ms,
                                   result=result, message=message)

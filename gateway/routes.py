@@ -51,6 +51,7 @@ def invoke(name: str, subpath: str) -> Response:
         with ticket:  # an exception gives the places back; otherwise the call keeps them until it ends
             environ = environ_message(request, body, rt.settings.forwarded_allow_ips)
             result = _run(rt, Invocation(name, rt.settings.functions_dir, profile, environ, body, g.request_id))
+            _hold_until_end(ticket, result)
         resp = _call_response(rt, name, profile, result)
         outcome, message = result.outcome, result.message
     except GatewayError as e:
@@ -65,18 +66,22 @@ def invoke(name: str, subpath: str) -> Response:
     recorder.answered(resp.status_code, outcome, message, result)
     if result is None:
         recorder.ended(None)
-        return resp
-    assert ticket is not None
+    else:
+        result.when_complete(recorder.ended)
+    return resp
+
+
+def _hold_until_end(ticket: Ticket, result: CallResult) -> None:
+    """The call keeps its admission places until its last process is gone (the fork server's report), which may
+    come after the answer; whatever happens to the answer, the places are given back then."""
     if not result.complete:
         ticket.answered()  # its processes are exiting: a newcomer may wait for its places rather than get a 503
 
-    def ended(r: CallResult) -> None:
+    def ended(_: CallResult) -> None:
         ticket.release()
         metrics.IN_FLIGHT.dec()
-        recorder.ended(r)
 
     result.when_complete(ended)
-    return resp
 
 
 def _run(rt: Any, inv: Invocation) -> CallResult:

@@ -326,5 +326,5 @@ def main(functions_dir: str, name: str, profile: Profile) -> None:
         # process (several ms for a forked interpreter) that nobody needs to wait for.
         os.closerange(0, CHILD_RESULT_FD + 1)
     except BaseException:
-        code = 70  # EX_SOFTWARE: the runner itself failed; the gateway reports the call as crashed
+        code = outcomes.ExitCode.RUNNER_FAILED  # the gateway reports the call as crashed
     os._exit(code)

@@ -164,7 +164,7 @@ class SlotPool:
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
         self.litter_dirs = _litter_dirs() if layers.root else []
 
-    def sweep(self, reap=None) -> list[str]:
+    def sweep(self) -> list[str]:
         """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with
         its fork server (PDEATHSIG), its grandchildren and daemons do not, and its scratch dir stays. Runs once,
         when a fork server starts. One slot at a time is locked (never all: other servers keep starting calls),
@@ -210,7 +210,7 @@ class SlotPool:
                 continue  # in use by a live fork server
             try:
                 if self._mem_base:
-                    self._cgroup(i).kill_all(reap)
+                    self._cgroup(i).kill_all()  # a dead fork server's calls: not our children
                 if uid in uid_pids:
                     kill_uids({uid})
                 for path in by_slot.get(i, []):
@@ -251,6 +251,21 @@ class SlotPool:
             assert self._mem_base is not None
             cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, self.settings.uid_base + i)
         return cg
+
+    def litter_changed(self, stamp: tuple[int, ...]) -> bool:
+        """Whether some litter folder got an entry since the stamp (a few stat() calls: O(1) per call)."""
+        return self.litter_stamp() != stamp
+
+    def litter_small(self, limit: int = 64 * 1024) -> bool:
+        """Whether every litter folder is small enough to sweep at once (a directory's st_size grows with its
+        entries: 20 bytes each on tmpfs); a folder of 100 000 files is swept by a janitor process instead."""
+        for d in self.litter_dirs:
+            try:
+                if os.stat(d).st_size > limit:
+                    return False
+            except OSError:
+                pass
+        return True
 
     def litter_stamp(self) -> tuple[int, ...]:
         """The litter folders' mtimes: a folder whose mtime did not change got no new entry."""
@@ -294,7 +309,7 @@ class SlotPool:
                 os.close(dfd)
         return later
 
-    def acquire(self, reap=None) -> Slot | None:
+    def acquire(self) -> Slot | None:
         # Lowest free slot first: the slots in use (and the lock fds and namespaces cached for them) stay as few
         # as the calls ever in flight at once.
         for i in range(self.settings.slots):
@@ -305,8 +320,9 @@ class SlotPool:
             if self._mem_base:
                 cg = self._cgroup(i)
                 cg.forget_limits()  # another fork server may have used this slot since we last set them
-                # A previous holder that died (kill -9 of a fork server) may have left processes behind.
-                cg.kill_all(reap)
+                # A previous holder that died (kill -9 of a fork server) may have left processes behind (never
+                # ours: we release a slot only once its processes are gone, so there is nothing for us to reap).
+                cg.kill_all()
             uid = self.settings.uid_base + i if self.layers.root else None
             return Slot(i, uid, uid, self.registry.fd, cg, self._netns(i), key=self.settings.uid_base + i)
         return None
@@ -394,12 +410,19 @@ def kill_uids(uids: set[int], rounds: int = 5) -> None:
             return
 
 
-def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
-    """Kills every process of the call: the cgroup's members, else every process of the slot's uid, else the
-    main process's session and the psutil tree below it."""
+def kill_slot(slot: Slot, main_pid: int) -> bool:
+    """One pass over the call's processes, SIGKILLing each: the cgroup's members, else every process of the
+    slot's uid, else the main process's session and the psutil tree below it. Never waits: True when the call
+    has no process left. The fork server calls it again from its main loop, after reaping, until it is so (a
+    killed child of ours stays listed until it is reaped; a fork bomb adds processes meanwhile)."""
     if slot.cgroup is not None:
-        slot.cgroup.kill_all(reap)
-        return
+        pids = slot.cgroup.procs()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not pids
     victims: set[int] = set()
     try:
         proc = psutil.Process(main_pid)
@@ -423,6 +446,7 @@ def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    return True  # best effort: without a cgroup nothing names the call's processes reliably
 
 
 def make_scratch(settings: Settings, slot: Slot, call_id: str) -> str:

@@ -600,8 +600,7 @@ ATTACKS: list[Attack] = [
                     except OSError:
                         pass
             return "clobbered"
-    # The garbage on fd 3 is a malformed result frame: validated and refused as the function's own error.
-    """, 500, "function_error"),
+    """, 500, "function_error"),  # "garbage" on fd 3 is a malformed result frame: the function's error
 ]
 BY_NAME = {a.name: a for a in ATTACKS}
 
