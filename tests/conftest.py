@@ -5,6 +5,7 @@ Every process a test starts is ended by its pid (the Gunicorn master's process g
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -27,6 +28,17 @@ GUNICORN = os.path.join(REPO, ".venv", "bin", "gunicorn")
 UID_BASE = 61000
 SLOTS = 256
 SCRATCH = "/var/tmp/fnbox-scratch" if os.geteuid() == 0 else f"/tmp/fnbox-scratch-{os.geteuid()}"
+# Calls see only their own file system view (runner/fsview.py): folders a test shares with its calls (markers,
+# traces) are made under SHARED, which every test server binds into its calls' views (FNBOX_SANDBOX_SHARED_DIRS).
+SHARED = tempfile.mkdtemp(prefix="fnbox-test-shared-", dir="/tmp")
+os.chmod(SHARED, 0o755)
+_SHARED_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_shared() -> None:
+    if os.getpid() == _SHARED_OWNER:
+        shutil.rmtree(SHARED, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -66,7 +78,7 @@ class Server:
         inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env = dict(inherited, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
                         FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_DATA_DIR=self.data_dir, FNBOX_WORKERS=str(workers),
-                        FNBOX_THREADS=str(threads), **(env or {}))
+                        FNBOX_THREADS=str(threads), FNBOX_SANDBOX_SHARED_DIRS=SHARED, **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="fnbox-test-log-"), "server.log")
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import PYTHON, REPO, SLOTS, UID_BASE, Server, assert_nothing_left, dedent
+from tests.conftest import PYTHON, REPO, SHARED, SLOTS, UID_BASE, Server, assert_nothing_left, dedent
 
 TOKEN = "secret-token"
 MiB = 1024 * 1024
@@ -637,7 +637,7 @@ def functions_toml() -> str:
 # -- the server, and the safety checks ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world() -> Any:
-    d = tempfile.mkdtemp(prefix="fnbox-test-world-", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="fnbox-test-world-", dir=SHARED)
     os.chmod(d, 0o777)
     yield d
     shutil.rmtree(d, ignore_errors=True)
