@@ -136,6 +136,10 @@ class _ForkServerProcess:
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         env["FNBOX_SCRATCH_DIR"] = settings.scratch_dir
         env["FNBOX_STATE_DIR"] = settings.state_dir
+        # The file system view is built from these (runner/fsview.py).
+        env["FNBOX_FUNCTIONS_DIR"] = settings.functions_dir
+        env["FNBOX_DATA_DIR"] = settings.data_dir
+        env["FNBOX_SANDBOX_SHARED_DIRS"] = ":".join(settings.shared_dirs)
         try:
             self.proc = subprocess.Popen(
                 [settings.python, "-m", "runner.forkserver", str(child.fileno())],
