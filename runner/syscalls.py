@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import tempfile
 
@@ -111,8 +112,10 @@ class Program:
             raise OSError(e, f"cannot load the syscall filter: {os.strerror(e)}")
 
 
+@functools.cache
 def compile_program() -> Program | None:
-    """The filter, or None when libseccomp is unavailable (the layer is then reported DEGRADED)."""
+    """The filter, or None when libseccomp is unavailable (the layer is then reported DEGRADED). Compiled once
+    per process (the probe and the slot pool share it)."""
     try:
         return Program(build())
     except (SeccompUnavailable, OSError, ValueError, RuntimeError):
