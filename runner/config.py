@@ -57,6 +57,9 @@ class Settings:
     threads: int
     max_calls: int  # 0: derived from memory and threads, see max_calls_for()
     spares: int  # children each fork server keeps forked ahead of demand (0: fork on demand only)
+    # Host folders every call sees read-write at their own path inside its file system view
+    # (FNBOX_SANDBOX_SHARED_DIRS, colon-separated): a deliberate exchange folder; the test suite's markers.
+    shared_dirs: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -84,6 +87,7 @@ class Settings:
             threads=_int(env, "FNBOX_THREADS", 32, minimum=1),
             max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
             spares=_int(env, "FNBOX_SPARES", 1, minimum=0),
+            shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),
@@ -99,7 +103,8 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Settings:
-        return cls(**dict(d, forwarded_allow_ips=frozenset(d["forwarded_allow_ips"])))
+        return cls(**dict(d, forwarded_allow_ips=frozenset(d["forwarded_allow_ips"]),
+                          shared_dirs=tuple(d.get("shared_dirs", ()))))
 
 
 def _cgroup_parent(raw: str) -> str:
@@ -108,6 +113,16 @@ def _cgroup_parent(raw: str) -> str:
         raise ConfigError(f"FNBOX_CGROUP_PARENT={raw!r}: must be a relative cgroup path of names made of "
                           "letters, digits, '.', '_' and '-'")
     return "/".join(parts)
+
+
+def _dirs(env: dict[str, str], key: str) -> tuple[str, ...]:
+    raw = env.get(key) or ""
+    out = []
+    for d in filter(None, raw.split(":")):
+        if not os.path.isabs(d) or not os.path.isdir(d) or os.path.realpath(d) in ("/", "/tmp"):
+            raise ConfigError(f"{key}: {d!r} must be an existing absolute folder (not / or /tmp)")
+        out.append(os.path.realpath(d))
+    return tuple(out)
 
 
 def _real_python() -> str:

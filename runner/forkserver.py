@@ -262,7 +262,7 @@ class ForkServer:
         litter = self.slots.litter_stamp()
 
         def run_call() -> NoReturn:
-            enter(profile, slot, scratch, fds, self.data_base, self.layers)
+            enter(profile, slot, scratch, fds, self.data_base, self.layers, msg["functions_dir"], msg["function"])
             from runner import child
 
             child.main(msg["functions_dir"], msg["function"], profile)
@@ -326,7 +326,8 @@ class ForkServer:
             if assignment is None or len(fds) != SPAWN_FDS:
                 return ExitCode.OK  # the fork server is shutting down (or gone)
             profile = Profile.from_dict(assignment["profile"])
-            assign(profile, slot, assignment["scratch"], fds, data_usage())
+            assign(profile, slot, assignment["scratch"], fds, data_usage(), assignment["functions_dir"],
+                   assignment["function"])
             child.main(assignment["functions_dir"], assignment["function"], profile)
             return ExitCode.RUNNER_FAILED  # child.main never returns
 
@@ -361,6 +362,15 @@ class ForkServer:
                 over = self._memory_exceeded(call, now)
                 if over:
                     self._kill(call, Outcome.MEMORY_LIMIT, over)
+                elif self._cpu_exceeded(call):
+                    self._kill(call, Outcome.TIMEOUT, f"CPU time limit of {call.profile.cpu_s:g} s exceeded "
+                                                       "(all processes of the call)")
+
+    @staticmethod
+    def _cpu_exceeded(call: Call) -> bool:
+        """cpu_s over the call's whole process tree (its cpuacct cgroup); RLIMIT_CPU still caps each process."""
+        cpu = call.slot.cgroup.cpu_ns() if call.slot.cgroup is not None else None
+        return cpu is not None and cpu >= call.profile.cpu_s * 1e9
 
     def _memory_exceeded(self, call: Call, now: float) -> str | None:
         """Why the call is over its memory limit, or None.
@@ -497,6 +507,9 @@ class ForkServer:
         cpu_ms = round((ru.ru_utime + ru.ru_stime) * 1000, 1) if ru else 0.0
         max_rss_kb = max(ru.ru_maxrss if ru else 0, call.peak_rss // 1024)
         cg = call.slot.cgroup
+        tree_cpu = cg.cpu_ns() if cg is not None else None
+        if tree_cpu is not None:  # every process of the call, not only the main one
+            cpu_ms = max(cpu_ms, round(tree_cpu / 1e6, 1))
         if cg is not None:
             max_rss_kb = max(max_rss_kb, cg.peak_bytes() // 1024)
         outcome, message = call.killed, call.kill_message

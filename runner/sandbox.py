@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from runner import fsview, syscalls
 from runner.cgroups import SlotCgroup, v1_base
 from runner.config import Settings
 from runner.locks import LockTable
@@ -73,6 +74,9 @@ class Slot:
     cgroup: SlotCgroup | None
     netns: int | None = None  # an fd holding this slot's empty network namespace (root only), reused per call
     key: int = 0  # uid_base + index (also without root): names the slot's lock, cgroups and scratch dirs
+    mntns: int | None = None  # an fd holding this slot's file system view skeleton (runner.fsview), if active
+    shared_dirs: tuple[str, ...] = ()  # Settings.shared_dirs, bound into the view
+    seccomp: syscalls.Program | None = None  # the fork server's compiled filter, loaded by each call
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class Layers:
     netns: bool
     userns: bool
     ipcns: bool = False
+    fsview: bool = False  # own mount namespace view + hidepid procfs + tmpfs /tmp of max_disk_mb
+    fsview_error: str = ""
+    seccomp: bool = False
+    cgroup_cpu: bool = False  # cpuacct per slot: cpu_s counts the whole process tree
 
     def describe(self) -> dict[str, str]:
         def st(ok: bool, good: str, bad: str) -> str:
@@ -103,7 +111,8 @@ class Layers:
             "ipc_namespace": st(self.ipcns, "SysV shared memory, semaphores and message queues and POSIX message "
                                             "queues of a call vanish with it",
                                 "a call's shared memory segments and message queues outlive it"),
-            "litter_sweep": st(self.root, "files a call's uid leaves in /tmp, /var/tmp, /dev/shm, /run/lock are "
+            "litter_sweep": "active: not needed: a call writes only to its own tmpfs, dropped with it" if self.fsview
+            else st(self.root, "files a call's uid leaves in /tmp, /var/tmp, /dev/shm, /run/lock are "
                                           "removed after it",
                                "not root: files a call leaves in /tmp, /dev/shm... stay (they are the server's)"),
             "rlimits": "active: cpu, data, fsize, nofile, core=0" + (", nproc" if self.root else
@@ -112,6 +121,21 @@ class Layers:
                 "and any OOM kill in the call's memory cgroup ends the call" if self.cgroup_memory else
                 "and tree memory (RSS, then PSS), polled by the fork server"),
             "scratch_dir": "active: fresh per call, removed afterwards",
+            "file_system_view": st(self.fsview, "a read-only root of its own per call (runtime, venv, its own "
+                                                "function; no project, profiles, history, /home, /root, /var, "
+                                                "/sys or host socket), a private /tmp of max_disk_mb",
+                                   "calls see the host's file system (as their uid may): "
+                                   + (self.fsview_error or "needs root and mount namespaces")),
+            "own_processes": st(self.fsview, "/proc mounted with hidepid=invisible: a call sees only its own "
+                                             "processes",
+                                "calls see every process of the machine in /proc"),
+            "disk_quota": st(self.fsview, "max_disk_mb caps /tmp (+ /dev/shm, /var/tmp): ENOSPC past it",
+                             "no cap on the total a call writes (only max_file_mb per file)"),
+            "syscall_filter": st(self.seccomp, "seccomp (libseccomp): namespaces, mounts, ptrace, keyring, bpf, "
+                                               "perf, io_uring, modules... fail with EPERM",
+                                 "no syscall filter (libseccomp or pyseccomp missing)"),
+            "cpu_cgroup": st(self.cgroup_cpu, "cpuacct per call: cpu_s counts every process of the call",
+                             "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up"),
         }
 
 
@@ -119,6 +143,7 @@ def probe_layers(settings: Settings) -> Layers:
     root = os.geteuid() == 0
     mem = bool(root and v1_base("memory", settings.cgroup_parent))
     pids = bool(root and v1_base("pids", settings.cgroup_parent))
+    cpu = bool(root and mem and v1_base("cpuacct", settings.cgroup_parent))
     netns = userns = ipcns = False
     if root:
         netns = _can_unshare(CLONE_NEWNET)
@@ -126,7 +151,26 @@ def probe_layers(settings: Settings) -> Layers:
     else:
         # Unprivileged, the IPC namespace comes with the user namespace, i.e. only for network=false calls.
         userns = _can_unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
-    return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns)
+    view, view_error = _probe_view(settings) if root else (False, "")
+    seccomp = syscalls.compile_program() is not None
+    return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns,
+                  fsview=view, fsview_error=view_error, seccomp=seccomp, cgroup_cpu=cpu)
+
+
+def view_spec(settings: Settings, uid: int, cgroup_dirs: tuple[str, ...] = ()) -> fsview.ViewSpec:
+    return fsview.ViewSpec(functions_dir=os.path.realpath(settings.functions_dir),
+                           ro_trees=fsview.runtime_trees(settings.data_dir), uid=uid, gid=uid,
+                           cgroup_dirs=cgroup_dirs, shared_dirs=settings.shared_dirs)
+
+
+def _probe_view(settings: Settings) -> tuple[bool, str]:
+    """Builds one real skeleton (a few ms, once per fork server): the layer is active only if that works."""
+    try:
+        fd = fsview.build(view_spec(settings, settings.uid_base), os.path.join(settings.state_dir, "view"))
+    except OSError as e:
+        return False, str(e)
+    os.close(fd)
+    return True, ""
 
 
 def _can_unshare(flags: int) -> bool:
@@ -152,6 +196,7 @@ class SlotPool:
         self._mem_base = v1_base("memory", settings.cgroup_parent) if layers.cgroup_memory else None
         self._pids_base = v1_base("pids", settings.cgroup_parent) if layers.cgroup_pids else None
         self._held: set[int] = set()  # slot indexes held by this fork server
+        self._cpu_base = v1_base("cpuacct", settings.cgroup_parent) if layers.cgroup_cpu else None
         self._cgroups: dict[int, SlotCgroup] = {}
         self._netns_fds: dict[int, int] = {}
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
@@ -162,7 +207,10 @@ class SlotPool:
             raise RuntimeError(f"{settings.scratch_dir} is not a folder owned by uid {os.geteuid()}: refusing to "
                                "use it as the scratch folder")
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
-        self.litter_dirs = _litter_dirs() if layers.root else []
+        # With a file system view, a call writes only to its own tmpfs: there is no host folder to sweep.
+        self.litter_dirs = _litter_dirs() if layers.root and not layers.fsview else []
+        self._mntns_fds: dict[int, int] = {}
+        self.seccomp = syscalls.compile_program() if layers.seccomp else None  # compiled once, loaded per call
 
     def sweep(self) -> list[str]:
         """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with
@@ -249,7 +297,8 @@ class SlotPool:
         cg = self._cgroups.get(i)
         if cg is None:
             assert self._mem_base is not None
-            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, self.settings.uid_base + i)
+            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, self.settings.uid_base + i,
+                                               cpuacct_base=self._cpu_base)
         return cg
 
     def litter_changed(self, stamp: tuple[int, ...]) -> bool:
@@ -324,7 +373,8 @@ class SlotPool:
                 # ours: we release a slot only once its processes are gone, so there is nothing for us to reap).
                 cg.kill_all()
             uid = self.settings.uid_base + i if self.layers.root else None
-            return Slot(i, uid, uid, self.registry.fd, cg, self._netns(i), key=self.settings.uid_base + i)
+            return Slot(i, uid, uid, self.registry.fd, cg, self._netns(i), key=self.settings.uid_base + i,
+                        mntns=self._mntns(i, cg), shared_dirs=self.settings.shared_dirs, seccomp=self.seccomp)
         return None
 
     def _netns(self, i: int) -> int | None:
@@ -361,15 +411,26 @@ class SlotPool:
                 os.waitpid(pid, 0)
         return fd
 
+    def _mntns(self, i: int, cg: SlotCgroup | None) -> int | None:
+        """The slot's file system view skeleton (runner.fsview), built once and entered by each of its calls."""
+        if not self.layers.fsview or not self.layers.root:
+            return None
+        fd = self._mntns_fds.get(i)
+        if fd is None:
+            spec = view_spec(self.settings, self.settings.uid_base + i, cg.dirs() if cg is not None else ())
+            fd = self._mntns_fds[i] = fsview.build(spec, os.path.join(self.settings.state_dir, "view"))
+        return fd
+
     def release(self, slot: Slot) -> None:
         self.registry.release(slot.key)
         self._held.discard(slot.index)
 
     def close(self) -> None:
         self.registry.close()
-        for fd in self._netns_fds.values():
+        for fd in (*self._netns_fds.values(), *self._mntns_fds.values()):
             os.close(fd)
         self._netns_fds.clear()
+        self._mntns_fds.clear()
 
 
 def _litter_dirs() -> list[str]:
@@ -488,13 +549,19 @@ def _close_fds_except(keep: list[int]) -> None:
     os.closerange(lo, 1 << 20)
 
 
+_parent = 0  # the fork server's pid, seen by prepare(): assign() checks that it still lives
+
+
 def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: list[int]) -> None:
-    """The part of entering the sandbox that does not depend on the call: identity, cgroups, namespaces, cwd,
-    fds. A spare child does it ahead of demand (off the request path); an on-demand child right after fork.
+    """The part of entering the sandbox that does not depend on the call: session, cgroups, network and IPC
+    namespaces, cwd, fds. A spare child does it ahead of demand (off the request path); an on-demand child right
+    after fork. The process stays root: the file system view needs the call's function and max_disk_mb, so it
+    is entered by assign(), which then drops the identity.
 
     Order matters: cgroups and namespaces need privileges, so they come before the identity drop.
     """
-    parent = os.getppid()
+    global _parent
+    _parent = os.getppid()
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the fork server is single-threaded: this is safe here
     if slot.cgroup is not None:
@@ -511,7 +578,11 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
         unshare(flags)
     # By fd: the fork server renames a spare's scratch dir when it hands it a call, maybe before we get here.
     os.fchdir(scratch_fd)
-    _close_fds_except(keep)
+    _close_fds_except([*keep, *([slot.mntns] if slot.mntns is not None else [])])
+    sys.dont_write_bytecode = True
+
+
+def _drop_identity(slot: Slot) -> None:
     if slot.uid is not None:
         os.setgroups([])
         os.setresgid(slot.gid, slot.gid, slot.gid)
@@ -521,18 +592,27 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
     # Changing credentials also cleared the parent-death signal: without this, a call would outlive a killed
     # fork server with no one left to enforce its limits. If the parent already died, stop here.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
+    if os.getppid() != _parent:
         os._exit(71)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    sys.dont_write_bytecode = True
 
 
-def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int) -> None:
-    """The call's own part: its pipes become fds 0-3 (nothing else stays open), its environment, its rlimits.
+def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int,
+           functions_dir: str = "", function: str = "") -> None:
+    """The call's own part: its file system view (its function, its /tmp of max_disk_mb), then its identity,
+    its pipes as fds 0-3 (nothing else stays open), its environment, its rlimits, and last the syscall filter.
 
-    Runs after prepare(), already as the call's uid: an unprivileged process may always lower its own limits,
-    and RLIMIT_NPROC then counts exactly this uid's processes (the call's own).
+    An unprivileged process may always lower its own limits, and RLIMIT_NPROC then counts exactly this uid's
+    processes (the call's own).
     """
+    if slot.mntns is not None:
+        # Detached copies of exactly this function's files, taken on the host side, then the view.
+        sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
+        fsview.enter(slot.mntns, os.path.realpath(functions_dir), sources, profile.max_disk_mb,
+                     slot.shared_dirs)
+        os.close(slot.mntns)
+        scratch = fsview.TMP
+    _drop_identity(slot)
     stdin_r, out_w, result_w = fds
     os.dup2(stdin_r, 0)
     os.dup2(out_w, 1)
@@ -558,13 +638,16 @@ def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base
         limits[resource.RLIMIT_NPROC] = (profile.max_processes, profile.max_processes)
     for res, lim in limits.items():
         resource.setrlimit(res, lim)
+    if slot.seccomp is not None:
+        slot.seccomp.load()
 
 
-def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int, layers: Layers) -> None:
+def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int, layers: Layers,
+          functions_dir: str = "", function: str = "") -> None:
     """Both halves at once, for a child forked on demand (no spare, or a call that wants the network)."""
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     prepare(slot, fd, layers, profile.network, keep=list(fds))
-    assign(profile, slot, scratch, fds, data_base)
+    assign(profile, slot, scratch, fds, data_base, functions_dir, function)
 
 
 def data_usage() -> int:

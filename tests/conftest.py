@@ -88,6 +88,19 @@ def _remove_world() -> None:
 atexit.register(_remove_world)
 
 
+# Calls see only their own file system view (runner/fsview.py): folders a test shares with its calls (markers,
+# traces) are made under SHARED, which every test server binds into its calls' views (FNBOX_SANDBOX_SHARED_DIRS).
+SHARED = tempfile.mkdtemp(prefix="fnbox-test-shared-", dir="/tmp")
+os.chmod(SHARED, 0o755)
+_SHARED_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_shared() -> None:
+    if os.getpid() == _SHARED_OWNER:
+        shutil.rmtree(SHARED, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,7 +141,7 @@ class Server:
                  "FNBOX_CGROUP_PARENT": CGROUP_PARENT, "FNBOX_STATE_DIR": self.state_dir}
         self.env = dict(inherited, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
                         FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_DATA_DIR=self.data_dir, FNBOX_WORKERS=str(workers),
-                        FNBOX_THREADS=str(threads), **world)
+                        FNBOX_THREADS=str(threads), FNBOX_SANDBOX_SHARED_DIRS=SHARED, **world)
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="fnbox-test-log-"), "server.log")

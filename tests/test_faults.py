@@ -34,7 +34,7 @@ import pytest
 import requests
 
 import tests.conftest as conftest
-from tests.conftest import REPO, Server, assert_nothing_left, sandbox_processes
+from tests.conftest import REPO, SHARED, Server, assert_nothing_left, sandbox_processes
 from tests.faultkit import (
     FAULTS_UID_BASE,
     alive,
@@ -92,7 +92,7 @@ def iso(monkeypatch) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def world() -> Iterator[str]:
     """A folder every sandbox uid may write to: the calls' markers."""
-    d = tempfile.mkdtemp(prefix="fnbox-faults-world-", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="fnbox-faults-world-", dir=SHARED)
     os.chmod(d, 0o777)
     try:
         yield d
