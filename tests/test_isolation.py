@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import CGROUP_PARENT, remove_cgroups
+from tests.conftest import CGROUP_PARENT, SHARED, remove_cgroups
 
 SLOW = """
 import os, time
@@ -35,7 +35,7 @@ QUICK = "import os\ndef main(request):\n    return {'uid': os.getuid()}\n"
 
 @pytest.fixture
 def marks():
-    d = tempfile.mkdtemp(prefix="fnbox-test-marks-", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="fnbox-test-marks-", dir=SHARED)  # calls see only SHARED of the host
     os.chmod(d, 0o777)
     yield d
     shutil.rmtree(d, ignore_errors=True)
