@@ -53,18 +53,21 @@ def on_exit(server):
 
 def on_starting(server):
     # Refuse to start with an invalid profile folder, saying which file, key and why.
+    from gateway.console.config import ConsoleConfig
     from runner.config import ConfigError, Settings, max_calls_for
     from runner.profiles import ProfileError, load_profiles
 
     try:
         settings = Settings.from_env()
         pset = load_profiles(settings.profiles_dir)
+        console = ConsoleConfig.from_env()
     except (ProfileError, ConfigError) as e:
         print(f"fnbox: refusing to start: invalid configuration: {e}", file=sys.stderr)
         sys.exit(3)
     cap = max_calls_for(settings, pset.profiles["default"].memory_mb)
     server.log.info("fnbox: at most %d calls in flight (FNBOX_MAX_CALLS%s), %d workers x %d threads", cap,
                     "" if settings.max_calls else ", derived from memory and threads", workers, threads)
+    server.log.info("%s", console.status_line())
 
 
 def post_worker_init(worker):
