@@ -52,10 +52,10 @@ def sparkline(values: list[float | None], label: str, width: int = 120, height: 
 
 
 def line_chart(series: dict[str, list[float | None]], starts: list[float], unit: str, label: str,
-               width: int = 640, height: int = 200, bars: bool = False) -> Markup:
+               width: int = 420, height: int = 180, bars: bool = False) -> Markup:
     """One or more series over time buckets (`starts`: each bucket's start, epoch seconds). bars=True draws the
     first series as bars (counts), the others as lines on top."""
-    left, right, top, bottom = 44, 8, 10, 22
+    left, right, top, bottom = 40, 8, 8, 20
     pw, ph = width - left - right, height - top - bottom
     n = max(1, len(starts))
     vmax = _nice_max(max([v for vs in series.values() for v in vs if v is not None] or [0]))
@@ -66,8 +66,7 @@ def line_chart(series: dict[str, list[float | None]], starts: list[float], unit:
         parts.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}"/>'
                      f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
                      f'{_fmt(vmax * i / 4)}</text>')
-    parts.append(f'<text class="axis unit" x="{left - 6}" y="{top - 1}" text-anchor="end">{escape(unit)}</text>')
-    for i in range(0, n, max(1, n // 6)):  # x labels: local time of the bucket start
+    for i in range(0, n, max(1, n // 5)):  # x labels: local time of the bucket start
         x = left + pw * (i + 0.5) / n
         parts.append(f'<text class="axis" x="{x:.1f}" y="{height - 6}" text-anchor="middle">'
                      f'{time.strftime("%H:%M", time.localtime(starts[i]))}</text>')

@@ -96,8 +96,9 @@ def run(rt: Any, cfg: ConsoleConfig, source: str, spec: RequestSpec, request_id:
         body = result.body.decode("utf-8", "replace")
     else:  # what a server would answer for this outcome (gateway/errors.py)
         status = STATUS.get(result.outcome, 500)
-        err = {"error": result.outcome, "message": result.message or result.outcome, "type": result.error_type,
-               "exitcode": result.exitcode, "signal": result.signal}
+        err = {"error": result.outcome, "message": result.message or result.outcome, "type": result.error_type}
+        if result.outcome == outcomes.CRASHED:
+            err.update(exitcode=result.exitcode, signal=result.signal)
         body = json.dumps({k: v for k, v in err.items() if v is not None}, indent=2)
         headers = [["Content-Type", "application/json"]]
     return {
