@@ -17,7 +17,6 @@ from runner.profiles import function_names
 
 RANGES = {"15m": 15 * 60, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400}
 SECRET_MASK = "••••••••"
-ERROR_FIELDS = ("error_type", "error_message", "traceback")  # history columns that may exist (firsthour)
 
 
 def masked_limits(name: str) -> dict[str, Any]:
@@ -127,7 +126,10 @@ def call(request_id: str) -> str:
     if row is None:
         raise ConsoleError("not_found", f"no call with request id {request_id!r}")
     req = st.store.request(request_id)
-    errors = {k: row.get(k) for k in ERROR_FIELDS if row.get(k)}
+    # Error details are columns of newer history databases; older rows (and databases) simply have none.
+    errors = {"error_type": row.get("error_type"), "error_message": row.get("error_message") or row.get("message"),
+              "traceback": row.get("traceback")}
+    errors = {k: v for k, v in errors.items() if v}
     return render_template("call.html", **ctx(page="calls", c=row, req=req, errors=errors))
 
 

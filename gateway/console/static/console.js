@@ -122,7 +122,7 @@ function showResult(box, r) {
 
 function showError(el, body, editor) {
   let msg = body.message || body.error || "failed";
-  if (body.line) msg += ` (line ${body.line})`;
+  if (body.line) msg = `Line ${body.line}: ${msg}`;
   el.textContent = msg;
   el.hidden = false;
   if (editor && editor.markError) editor.markError(body.line);
@@ -206,7 +206,7 @@ function setupPlayground() {
           const a = document.createElement("a");
           a.href = body.url; a.textContent = `${body.function} v${body.version}`;
           msg.append("Deployed ", a, ".");
-        } else { msg.className = "small bad"; msg.textContent = body.message + (body.line ? ` (line ${body.line})` : ""); if (body.line) editor.markError(body.line); }
+        } else { msg.className = "small bad"; msg.textContent = (body.line ? `Line ${body.line}: ` : "") + body.message; if (body.line) editor.markError(body.line); }
       });
     });
   }
