@@ -413,3 +413,32 @@ def test_metrics_page_draws_charts_and_layers(server):
     assert page.count('<svg class="chart"') == 3  # calls/s, latency, errors per function
     assert "memory_cgroup" in page or "rlimits" in page
     assert s.get(server.url + "/console/metrics?range=2y", timeout=30).status_code == 400
+
+
+def test_call_detail_shows_error_columns_when_history_has_them(make_server):
+    """Newer history databases keep the error's type, message and traceback; the detail shows them when the row
+    has them (here added to the database by hand), and an older database without them still works."""
+    import os
+    import sqlite3
+
+    s = make_server(functions={"failing": FAILING}, env=console_env()).start()
+    rid = uuid.uuid4().hex
+    assert s.get("/function/failing", headers={"X-Request-Id": rid}).status_code == 500
+    sess, _ = sign_in(s)
+    page = sess.get(s.url + f"/console/calls/{rid}", timeout=30).text
+    assert 'id="call-outcome">function_error<' in page
+    db = sqlite3.connect(os.path.join(s.data_dir, "history.sqlite3"), timeout=5)
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+        for col in ("error_type", "error_message", "traceback"):
+            if col not in have:
+                db.execute(f"ALTER TABLE calls ADD COLUMN {col} TEXT")
+        db.execute("UPDATE calls SET error_type='ValueError', error_message='nope', "
+                   "traceback='Traceback (most recent call last):\n  File \"failing.py\", line 2\nValueError: nope' "
+                   "WHERE request_id=?", (rid,))
+        db.commit()
+    finally:
+        db.close()
+    page = sess.get(s.url + f"/console/calls/{rid}", timeout=30).text
+    assert 'id="error-details"' in page
+    assert "ValueError" in page and "nope" in page and "failing.py" in page
