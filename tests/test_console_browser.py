@@ -20,7 +20,8 @@ from tests.console_kit import ADMIN_TOKEN, HELLO, PROFILES, SECRET_VALUE
 expect = playwright.expect
 # Debian's chromium (ops/setup-system.sh installs it); Playwright's own browser downloads are not used.
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = os.path.join(REPO, "docs", "screenshots")
+# Screenshots go to a scratch folder; FNBOX_SCREENSHOT_DIR=docs/screenshots refreshes the committed ones.
+SHOTS = os.path.join(REPO, os.environ.get("FNBOX_SCREENSHOT_DIR") or "/tmp/fnbox-console-screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,9 @@ def test_operator_journey(server, browser):
         page.wait_for_url(re.compile(r"/console/$"))
 
         # Functions: both functions with their profile; the filter box narrows the list.
-        requests.get(server.url + "/function/hello", timeout=30)
+        for i in range(6):  # some traffic, a few errors among it
+            requests.get(server.url + "/function/hello", timeout=30)
+            requests.post(server.url + "/function/add", json={"a": i, "b": 1} if i % 3 else {"a": i}, timeout=30)
         page.reload()
         assert page.locator("#fn-table a.fn", has_text="hello").is_visible()
         assert page.locator("#fn-table a.fn", has_text="add").is_visible()
@@ -226,7 +229,7 @@ def test_phone_and_dark_mode_and_logout(server, browser):
         assert bg == "rgb(14, 17, 22)", bg  # the dark palette
         phone.shot("phone-dark-functions")
         phone.page.goto(server.url + "/console/playground")
-        phone.shot("phone-dark-playground", full=True)
+        phone.shot("phone-dark-playground")
         assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390
 
         # Keyboard: "/" focuses the filter on the functions page; sign out works.
