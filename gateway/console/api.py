@@ -170,7 +170,7 @@ def calls_stream() -> Response:
                     yield f"id: {last}\nevent: call\ndata: {json.dumps(call_summary(r))}\n\n"
                 if rows:
                     quiet = time.monotonic()
-                elif time.monotonic() - quiet > 10:
+                elif time.monotonic() - quiet > 5:  # under any proxy_read_timeout nginx is given
                     yield ": keep-alive\n\n"
                     quiet = time.monotonic()
                 time.sleep(0.3)  # polling the database; a call's row is committed before it is answered

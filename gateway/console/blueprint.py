@@ -47,8 +47,13 @@ def wants_json() -> bool:
     return request.path.startswith("/console/api/")
 
 
+MAX_BODY = 2 * 1024 * 1024  # a deploy from the editor, a snippet and its request: JSON well under this
+
+
 @bp.before_request
 def _session() -> Response | None:
+    if (request.content_length or 0) > MAX_BODY:
+        raise ConsoleError("request_too_large", "a console request is at most 2 MiB")
     st = state()
     s = auth.current_session(st.store)
     endpoint = request.endpoint or ""

@@ -15,6 +15,7 @@ STATUS = {
     "invalid_name": 400,
     "invalid_archive": 422,
     "no_version": 404,
+    "request_too_large": 413,
     "rate_limited": 429,
     "busy": 503,
     "unavailable": 503,
