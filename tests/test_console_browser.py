@@ -232,6 +232,14 @@ def test_phone_and_dark_mode_and_logout(server, browser):
         phone.shot("phone-dark-playground")
         assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390
 
+        # A wide screen in dark mode: the highlighted source stays readable.
+        phone.page.set_viewport_size({"width": 1280, "height": 860})
+        phone.page.goto(server.url + "/console/functions/hello")
+        keyword = phone.page.evaluate("getComputedStyle(document.querySelector('#source-view .k')).color")
+        assert keyword != "rgb(0, 112, 32)", keyword  # not the light theme's dark green on a dark background
+        phone.shot("function-dark")
+        phone.page.set_viewport_size({"width": 390, "height": 800})
+
         # Keyboard: "/" focuses the filter on the functions page; sign out works.
         phone.page.goto(server.url + "/console/")
         phone.page.keyboard.press("/")

@@ -25,7 +25,9 @@ def console_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(functions={"hello": HELLO, "failing": FAILING}, profiles=PROFILES, env=console_env()).start()
+    # Two workers: sessions, CSRF tokens and rate limits live in the console's database, shared by both.
+    s = Server(functions={"hello": HELLO, "failing": FAILING}, profiles=PROFILES, env=console_env(), workers=2)
+    s.start()
     yield s
     s.stop()
 
