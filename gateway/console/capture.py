@@ -3,6 +3,7 @@ console's call detail: the call history has no room for them."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 from flask import Response, g, request
@@ -16,10 +17,16 @@ SECRET = re.compile(r"authorization|cookie|token|secret|password|passwd|api[-_]?
                     re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=1024)
+def is_secret(name: str) -> bool:
+    """Per header or parameter name; cached, since clients send the same few names on every call."""
+    return bool(SECRET.search(name))
+
+
 def redact_headers(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     out, size = [], 0
     for k, v in items:
-        v = REDACTED if SECRET.search(k) else v
+        v = REDACTED if is_secret(k) else v
         size += len(k) + len(v)
         if size > MAX_HEADERS_BYTES:
             out.append(("…", "(more headers not kept)"))
@@ -32,7 +39,7 @@ def redact_query(qs: str) -> str:
     parts = []
     for item in qs.split("&"):
         k, sep, _ = item.partition("=")
-        parts.append(f"{k}={REDACTED}" if sep and SECRET.search(k) else item)
+        parts.append(f"{k}={REDACTED}" if sep and is_secret(k) else item)
     return "&".join(parts)[:4096]
 
 

@@ -133,7 +133,7 @@ class ConsoleStore:
     def record_request(self, request_id: str, query: str, headers: list[tuple[str, str]], client: str) -> None:
         """Queued, never waits: it runs after every function call."""
         try:
-            self._queue.put_nowait((request_id, time.time(), query, json.dumps(headers), client))
+            self._queue.put_nowait((request_id, time.time(), query, headers, client))  # JSON in the writer
         except queue.Full:
             pass
 
@@ -168,7 +168,7 @@ class ConsoleStore:
                 batch.append(nxt)
             try:
                 db = db or self._db()
-                rows = [b for b in batch if b is not None]
+                rows = [(rid, t, q, json.dumps(h), c) for rid, t, q, h, c in (b for b in batch if b is not None)]
                 with db:
                     db.execute("BEGIN IMMEDIATE")
                     db.executemany("INSERT INTO requests (request_id, time, query, headers, client) VALUES "
