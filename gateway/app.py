@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
         return resp
 
     if start:
-        supervisor.start()
+        supervisor.start_or_retry()
         atexit.register(supervisor.close)
         atexit.register(history.close)
     return app

@@ -96,12 +96,14 @@ class History:
             if self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
                 self._cond.wait_for(lambda: self._done >= seq, self.wait_s)
 
-    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None) -> None:
-        """Completes a call's row once its processes are gone (the answer went out before that). Never waits:
-        it runs on the runner's reader thread."""
+    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None, outcome: str | None = None,
+               duration_ms: float | None = None) -> None:
+        """Completes a call's row once its processes are gone (the answer went out before that); `outcome` and
+        `duration_ms` replace the answer's when the call ended otherwise (a function that answered and kept
+        running until its timeout). Never waits: it runs on the runner's reader thread."""
         with self._cond:
             try:
-                self._queue.put_nowait(("finish", request_id, cpu_ms, max_rss_kb))
+                self._queue.put_nowait(("finish", request_id, cpu_ms, max_rss_kb, outcome, duration_ms))
             except queue.Full:
                 self.dropped += 1
                 return
@@ -184,9 +186,10 @@ class History:
                     db.executemany(
                         f"INSERT INTO calls ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
                         [tuple(r.get(c, 1 if c == "complete" else None) for c in COLUMNS) for r in inserts])
-                    db.executemany("UPDATE calls SET cpu_ms=?, max_rss_kb=?, complete=1 "
+                    db.executemany("UPDATE calls SET cpu_ms=?, max_rss_kb=?, outcome=COALESCE(?, outcome), "
+                                   "duration_ms=COALESCE(?, duration_ms), complete=1 "
                                    "WHERE request_id=? AND complete=0",
-                                   [(cpu, rss, rid) for rid, cpu, rss in finishes])
+                                   [(cpu, rss, oc, dur, rid) for rid, cpu, rss, oc, dur in finishes])
                     self._since_prune += len(inserts)
                     if self._since_prune >= PRUNE_EVERY or (item == "prune" and self._since_prune):
                         self._prune(db)

@@ -49,16 +49,17 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def v1_base(controller: str) -> str | None:
-    """The directory under which fnbox creates its slot cgroups for a v1 controller, or None."""
+def v1_base(controller: str, parent: str = "fnbox") -> str | None:
+    """The directory under which fnbox creates its slot cgroups for a v1 controller, or None. `parent` is
+    Settings.cgroup_parent (FNBOX_CGROUP_PARENT), relative to the server's own cgroup."""
     mount = os.path.join(V1_ROOT, controller)
     own = _own_path(controller)
     if own is None or not os.path.isfile(os.path.join(mount, "cgroup.procs")):
         return None
-    base = os.path.join(mount, own.lstrip("/"), "fnbox")
-    if not os.path.isdir(os.path.dirname(base)):
+    base = os.path.join(mount, own.lstrip("/"), parent)
+    if not os.path.isdir(os.path.join(mount, own.lstrip("/"))):
         # A container may show its own cgroup as the mount root.
-        base = os.path.join(mount, "fnbox")
+        base = os.path.join(mount, parent)
     try:
         os.makedirs(base, exist_ok=True)
     except OSError:
@@ -69,9 +70,11 @@ def v1_base(controller: str) -> str | None:
 class SlotCgroup:
     """The v1 memory + pids cgroups of one sandbox slot."""
 
-    def __init__(self, memory_base: str, pids_base: str | None, index: int) -> None:
-        self.mem = os.path.join(memory_base, f"slot-{index}")
-        self.pids = os.path.join(pids_base, f"slot-{index}") if pids_base else None
+    def __init__(self, memory_base: str, pids_base: str | None, key: int) -> None:
+        # Named by the slot's uid (key), as its lock in the machine-wide registry is: whoever holds the lock
+        # owns these cgroups, whatever server it belongs to.
+        self.mem = os.path.join(memory_base, f"slot-{key}")
+        self.pids = os.path.join(pids_base, f"slot-{key}") if pids_base else None
         for d in filter(None, (self.mem, self.pids)):
             os.makedirs(d, exist_ok=True)
         self._limits: tuple[int, int] | None = None

@@ -113,6 +113,9 @@ def _serialize(resp: flask.Response, max_body: int) -> tuple[dict[str, Any], byt
 def run(functions_dir: str, name: str, max_response_kb: int) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
     global _main
     header, body = read_frame(0)
+    # The profile's [env] comes from the gateway with the request, never through the fork server (see
+    # runner.supervisor): the sandbox gave this process a minimal environment, the function's own is added here.
+    os.environ.update(header.get("env") or {})
     environ: dict[str, Any] = dict(header["environ"])
     environ.update({
         "wsgi.input": io.BytesIO(body),

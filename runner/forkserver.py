@@ -196,7 +196,7 @@ class ForkServer:
                 spare.slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
                 spare.slot.cgroup.reset_peak()
             # The scratch dir takes the call's name: an idle spare's dir ends in "-s<n>", a call's never does.
-            scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.index}-{os.getpid()}-{call_id}")
+            scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.key}-{os.getpid()}-{call_id}")
             try:
                 os.rename(spare.scratch, scratch)
                 spare.scratch = scratch
@@ -485,8 +485,12 @@ class ForkServer:
 def main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
-    # The Supervisor passed only FNBOX_* settings and a minimal PATH/LANG: no secret is in this environment.
-    server = ForkServer(sock, Settings.from_env())
+    # The Supervisor passed a minimal PATH/LANG and no secret in the environment; its validated settings come
+    # as the first message, so this process never reads FNBOX_* variables itself.
+    msg, _ = recv_msg(sock)
+    if not msg or msg.get("op") != "settings":
+        sys.exit(2)
+    server = ForkServer(sock, Settings.from_dict(msg["settings"]))
     # Warm everything a call needs before the first fork, so no child pays for an import.
     from runner import child
 

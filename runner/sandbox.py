@@ -1,15 +1,16 @@
 """The sandbox layers: slots (uid + cgroups + scratch), and what a forked child does before user code runs.
 
-A slot is one concurrent call's identity on this machine: uid/gid `uid_base + i`, the cgroups `slot-i`, and a
-lock file that says who holds it. Slots are machine-wide (several workers, several servers share the uid
-range), so they are claimed with flock(): the kernel releases a dead holder's claim by itself.
+A slot is one concurrent call's identity on this machine: uid/gid `uid_base + i` (its key), the cgroups
+`slot-<uid>`, and the lock on byte `uid` of `<slot_registry>/slots.lock` that says who holds it. Slots are
+machine-wide (several workers, several servers, each with its own FNBOX_STATE_DIR, may share uids), so they are
+claimed by uid in one registry per machine (runner.locks): the kernel releases a dead holder's claim by
+itself, and a server only ever kills, sweeps or reuses what runs under a uid whose lock it holds.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import os
 import resource
 import shutil
@@ -23,6 +24,7 @@ import psutil
 
 from runner.cgroups import SlotCgroup, v1_base
 from runner.config import Settings
+from runner.locks import LockTable
 from runner.profiles import Profile
 
 PR_SET_PDEATHSIG = 1
@@ -70,6 +72,7 @@ class Slot:
     lock_fd: int
     cgroup: SlotCgroup | None
     netns: int | None = None  # an fd holding this slot's empty network namespace (root only), reused per call
+    key: int = 0  # uid_base + index (also without root): names the slot's lock, cgroups and scratch dirs
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,8 @@ class Layers:
 
 def probe_layers(settings: Settings) -> Layers:
     root = os.geteuid() == 0
-    mem = bool(root and v1_base("memory"))
-    pids = bool(root and v1_base("pids"))
+    mem = bool(root and v1_base("memory", settings.cgroup_parent))
+    pids = bool(root and v1_base("pids", settings.cgroup_parent))
     netns = userns = ipcns = False
     if root:
         netns = _can_unshare(CLONE_NEWNET)
@@ -144,15 +147,11 @@ class SlotPool:
     def __init__(self, settings: Settings, layers: Layers) -> None:
         self.settings = settings
         self.layers = layers
-        self.lock_dir = os.path.join(settings.state_dir, "slots")
-        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
-        self._mem_base = v1_base("memory") if layers.cgroup_memory else None
-        self._pids_base = v1_base("pids") if layers.cgroup_pids else None
-        self._fds: dict[int, int] = {}
-        # flock() succeeds again on a lock the same open file already holds: without this set, a slot still in
-        # use by one of our calls would be handed out again once the cycle comes back to it (its cgroup killed,
-        # its uid shared by two calls).
-        self._held: set[int] = set()
+        os.makedirs(settings.slot_registry, mode=0o700, exist_ok=True)
+        self.registry = LockTable(os.path.join(settings.slot_registry, "slots.lock"))
+        self._mem_base = v1_base("memory", settings.cgroup_parent) if layers.cgroup_memory else None
+        self._pids_base = v1_base("pids", settings.cgroup_parent) if layers.cgroup_pids else None
+        self._held: set[int] = set()  # slot indexes held by this fork server
         self._cgroups: dict[int, SlotCgroup] = {}
         self._netns_fds: dict[int, int] = {}
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
@@ -165,13 +164,6 @@ class SlotPool:
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
         self.litter_dirs = _litter_dirs() if layers.root else []
 
-    def _lock_fd(self, i: int) -> int:
-        fd = self._fds.get(i)
-        if fd is None:
-            fd = os.open(os.path.join(self.lock_dir, f"{i}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fds[i] = fd
-        return fd
-
     def sweep(self, reap=None) -> list[str]:
         """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with
         its fork server (PDEATHSIG), its grandchildren and daemons do not, and its scratch dir stays. Runs once,
@@ -179,11 +171,14 @@ class SlotPool:
         so no call starts in a slot while it is swept. Files its uid left in the litter folders are removed too.
         Returns the orphaned folders, already made root's, for a janitor to remove."""
         by_slot: dict[int, list[str]] = {}
-        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot>-<fork server pid>-<call>"
+        first = self.settings.uid_base
+        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot uid>-<fork server pid>-<call>"
             for e in entries:
                 head = e.name.split("-", 1)[0]
-                if head.isdigit() and e.is_dir(follow_symlinks=False):
-                    by_slot.setdefault(int(head), []).append(e.path)
+                # Another server's uids (a scratch folder may be shared) are not ours to sweep.
+                if (head.isdigit() and first <= int(head) < first + self.settings.slots
+                        and e.is_dir(follow_symlinks=False)):
+                    by_slot.setdefault(int(head) - first, []).append(e.path)
         litter: dict[int, list[tuple[str, str, bool]]] = {}  # uid -> (folder, name, is a dir)
         for d in self.litter_dirs:
             try:
@@ -198,7 +193,8 @@ class SlotPool:
             except OSError:
                 pass
         uid_pids: dict[int, list[int]] = {}
-        if not self._mem_base and self.layers.root:  # no cgroup names a slot's processes: their uid does
+        # Also with cgroups: a server with another FNBOX_CGROUP_PARENT may have left processes under our uids.
+        if self.layers.root:
             last = self.settings.uid_base + self.settings.slots
             for p in psutil.process_iter(["uids"]):
                 uids = p.info["uids"]
@@ -210,15 +206,12 @@ class SlotPool:
             if i in self._held or not (by_slot.get(i) or uid_pids.get(uid) or litter.get(uid)
                                        or self._cgroup_busy(i)):
                 continue
-            fd = self._lock_fd(i)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not self.registry.try_claim(uid):
                 continue  # in use by a live fork server
             try:
                 if self._mem_base:
                     self._cgroup(i).kill_all(reap)
-                elif uid in uid_pids:
+                if uid in uid_pids:
                     kill_uids({uid})
                 for path in by_slot.get(i, []):
                     try:
@@ -237,7 +230,7 @@ class SlotPool:
                     except OSError:
                         pass
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                self.registry.release(uid)
         return orphans
 
     def _cgroup_busy(self, i: int) -> bool:
@@ -247,7 +240,7 @@ class SlotPool:
         if base is None:
             return False
         try:
-            with open(os.path.join(base, f"slot-{i}", "cgroup.procs")) as f:
+            with open(os.path.join(base, f"slot-{self.settings.uid_base + i}", "cgroup.procs")) as f:
                 return bool(f.read(1))
         except OSError:
             return False
@@ -256,7 +249,7 @@ class SlotPool:
         cg = self._cgroups.get(i)
         if cg is None:
             assert self._mem_base is not None
-            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, i)
+            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, self.settings.uid_base + i)
         return cg
 
     def litter_stamp(self) -> tuple[int, ...]:
@@ -305,12 +298,7 @@ class SlotPool:
         # Lowest free slot first: the slots in use (and the lock fds and namespaces cached for them) stay as few
         # as the calls ever in flight at once.
         for i in range(self.settings.slots):
-            if i in self._held:
-                continue
-            fd = self._lock_fd(i)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if i in self._held or not self.registry.try_claim(self.settings.uid_base + i):
                 continue
             self._held.add(i)
             cg = None
@@ -320,7 +308,7 @@ class SlotPool:
                 # A previous holder that died (kill -9 of a fork server) may have left processes behind.
                 cg.kill_all(reap)
             uid = self.settings.uid_base + i if self.layers.root else None
-            return Slot(i, uid, uid, fd, cg, self._netns(i))
+            return Slot(i, uid, uid, self.registry.fd, cg, self._netns(i), key=self.settings.uid_base + i)
         return None
 
     def _netns(self, i: int) -> int | None:
@@ -358,13 +346,13 @@ class SlotPool:
         return fd
 
     def release(self, slot: Slot) -> None:
-        fcntl.flock(slot.lock_fd, fcntl.LOCK_UN)
+        self.registry.release(slot.key)
         self._held.discard(slot.index)
 
     def close(self) -> None:
-        for fd in (*self._fds.values(), *self._netns_fds.values()):
+        self.registry.close()
+        for fd in self._netns_fds.values():
             os.close(fd)
-        self._fds.clear()
         self._netns_fds.clear()
 
 
@@ -438,7 +426,7 @@ def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
 
 
 def make_scratch(settings: Settings, slot: Slot, call_id: str) -> str:
-    path = os.path.join(settings.scratch_dir, f"{slot.index}-{call_id}")
+    path = os.path.join(settings.scratch_dir, f"{slot.key}-{call_id}")
     os.mkdir(path, 0o700)
     if slot.uid is not None:
         os.chown(path, slot.uid, slot.gid)
