@@ -17,6 +17,7 @@ from typing import Any
 
 from werkzeug.test import EnvironBuilder
 
+from gateway.admission import Busy
 from gateway.console.config import ConsoleConfig
 from gateway.console.errors import ConsoleError
 from gateway.errors import STATUS
@@ -68,11 +69,12 @@ def run(rt: Any, cfg: ConsoleConfig, source: str, spec: RequestSpec, request_id:
     if len(spec.body) > profile.max_request_kb * 1024:
         raise ConsoleError("bad_request", f"the request body is over the {cfg.playground_profile} profile's "
                                           f"max_request_kb ({profile.max_request_kb} KiB)")
-    tokens = rt.limiter.admit(LIMITER_KEY, cfg.playground_concurrency)
-    if isinstance(tokens, str):
-        which = {"function": f"the playground already runs {cfg.playground_concurrency} snippets "
-                             "(FNBOX_PLAYGROUND_CONCURRENCY)"}.get(tokens, "the server is full right now")
-        raise ConsoleError("busy", which + ": try again in a moment")
+    try:
+        ticket = rt.limiter.admit(LIMITER_KEY, cfg.playground_concurrency)
+    except Busy as e:
+        which = (f"the playground already runs {cfg.playground_concurrency} snippets (FNBOX_PLAYGROUND_CONCURRENCY)"
+                 if e.cap == "function" else e.message)
+        raise ConsoleError("busy", which + ": try again in a moment") from None
     fdir = tempfile.mkdtemp(prefix="fnbox-play-", dir="/tmp")
     try:
         os.chmod(fdir, 0o755)  # the sandbox uids must read the snippet, and nothing else of ours
@@ -85,10 +87,10 @@ def run(rt: Any, cfg: ConsoleConfig, source: str, spec: RequestSpec, request_id:
                                                    request_id))
         except Unavailable as e:
             raise ConsoleError("unavailable", str(e)) from None
-        result.wait_complete(profile.timeout_s + 5)  # CPU and peak memory come with the exit
+        # The run keeps its places until its last process is gone; its CPU and peak memory come with that.
+        result.wait_complete(profile.timeout_s + 5)
     finally:
-        for token in tokens:
-            rt.limiter.release(token)
+        ticket.release()
         shutil.rmtree(fdir, ignore_errors=True)
     headers = [list(h) for h in result.headers]
     if result.outcome == outcomes.OK:
