@@ -167,9 +167,12 @@ def metrics() -> str:
     }
     pong = r.supervisor.ping(timeout=2.0)
     layers = []
-    for lname, text in (r.supervisor.layers or {}).items():
-        status, _, detail = str(text).partition(": ")
-        layers.append({"name": lname, "active": status == "active", "detail": detail or status})
+    for lname, value in (r.supervisor.layers or {}).items():
+        if isinstance(value, dict):  # a structured layer result
+            status, detail = str(value.get("status", "")), str(value.get("detail", ""))
+        else:  # "active: what it does" / "DEGRADED: why"
+            status, _, detail = str(value).partition(": ")
+        layers.append({"name": lname, "active": status.lower() == "active", "detail": detail or status})
     health = {"fork_server": "running" if pong else "unavailable", "pid": r.supervisor.pid,
               "restarts": r.supervisor.restarts, "in_flight": pong.get("calls") if pong else None,
               "max_calls": r.limiter.max_calls, "profiles_error": r.profiles.error,
