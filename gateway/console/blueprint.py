@@ -101,7 +101,7 @@ def _console_error(e: ConsoleError) -> tuple[Response, int] | tuple[str, int]:
     headers = {}
     if e.code == "rate_limited" and e.extra.get("retry_after"):
         headers["Retry-After"] = str(int(e.extra["retry_after"]))
-    if wants_json() or request.method not in ("GET", "HEAD"):
+    if wants_json():
         body = {"error": e.code, "message": e.message, **e.extra}
         return jsonify(body), e.status, headers  # type: ignore[return-value]
     return render_template("error.html", error=e), e.status, headers  # type: ignore[return-value]

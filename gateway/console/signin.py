@@ -53,8 +53,9 @@ def login_post() -> Response:
     key = f"login:{client()}"
     wait = st.store.over_limit(key, st.cfg.login_rate, WINDOW_S, count=False)
     if wait:
-        raise ConsoleError("rate_limited", f"too many failed sign-ins from your address: try again in "
-                                           f"{int(wait) + 1} s", retry_after=int(wait) + 1)
+        resp = _login_page(429, f"Too many failed sign-ins from your address: try again in {int(wait) + 1} s.")
+        resp.headers["Retry-After"] = str(int(wait) + 1)
+        return resp
     role = auth.role_for(st.cfg, request.form.get("secret", ""))
     if role is None:
         st.store.record_attempt(key)
