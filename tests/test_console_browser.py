@@ -46,7 +46,7 @@ class Page:
     """A browser tab that records every Content-Security-Policy violation and script error."""
 
     def __init__(self, browser, **ctx) -> None:
-        self.ctx = browser.new_context(viewport=ctx.pop("viewport", {"width": 1280, "height": 860}), **ctx)
+        self.ctx = browser.new_context(viewport=ctx.pop("viewport", {"width": 1280, "height": 600}), **ctx)
         self.page = self.ctx.new_page()
         self.page.set_default_timeout(20_000)
         self.problems: list[str] = []
@@ -56,7 +56,7 @@ class Page:
                      or "Content Security Policy" in m.text else None)
         self.page.on("pageerror", lambda e: self.problems.append(str(e)))
 
-    def shot(self, name: str, full: bool = False) -> None:
+    def shot(self, name: str, full: bool = True) -> None:
         os.makedirs(SHOTS, exist_ok=True)
         self.page.screenshot(path=os.path.join(SHOTS, name + ".png"), full_page=full)
 
@@ -114,7 +114,7 @@ def test_operator_journey(server, browser):
         assert page.inner_text("#deploy-error").startswith("Line 2: ")
         assert page.inner_text(".editor .gutter .err") == "2"
         assert requests.get(server.url + "/function/hello", timeout=30).text == "hello v0"
-        p.shot("function-syntax-error")
+        p.shot("function-syntax-error", full=False)
 
         # Deploy twice: v1 then v2 is live.
         for n in (1, 2):
@@ -148,7 +148,7 @@ def test_operator_journey(server, browser):
         row = page.locator(f'#calls-table a[href="/console/calls/{rid}"]')
         row.wait_for()
         assert page.locator("#calls-table tbody tr").first.get_attribute("data-id") is not None
-        p.shot("calls")
+        p.shot("calls", full=False)
 
         # A call's detail: request line and headers, secrets redacted.
         row.click()
@@ -227,9 +227,9 @@ def test_phone_and_dark_mode_and_logout(server, browser):
         assert width <= 390, width
         bg = phone.page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert bg == "rgb(14, 17, 22)", bg  # the dark palette
-        phone.shot("phone-dark-functions")
+        phone.shot("phone-dark-functions", full=False)
         phone.page.goto(server.url + "/console/playground")
-        phone.shot("phone-dark-playground")
+        phone.shot("phone-dark-playground", full=False)
         assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390
 
         # A wide screen in dark mode: the highlighted source stays readable.
@@ -237,7 +237,7 @@ def test_phone_and_dark_mode_and_logout(server, browser):
         phone.page.goto(server.url + "/console/functions/hello")
         keyword = phone.page.evaluate("getComputedStyle(document.querySelector('#source-view .k')).color")
         assert keyword != "rgb(0, 112, 32)", keyword  # not the light theme's dark green on a dark background
-        phone.shot("function-dark")
+        phone.shot("function-dark", full=False)
         phone.page.set_viewport_size({"width": 390, "height": 800})
 
         # Keyboard: "/" focuses the filter on the functions page; sign out works.

@@ -22,6 +22,8 @@ def ago(t: float | None) -> str:
     if not t:
         return "never"
     s = max(0, time.time() - t)
+    if s < 5:
+        return "just now"
     for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
         if s >= n:
             return f"{int(s // n)} {unit} ago"

@@ -17,6 +17,7 @@ from runner.profiles import function_names
 
 RANGES = {"15m": 15 * 60, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400}
 SECRET_MASK = "••••••••"
+SPARK_CALLS = 30  # the functions list's sparkline: latency of each of the last calls in the hour
 
 
 def masked_limits(name: str) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def highlight_css() -> Response:
 @bp.get("/")
 def functions() -> str:
     r, st = rt(), state()
-    start, width = window(60, 12)
+    start = time.time() - 3600
     rows = st.reader.recent(start)
     last = st.reader.last_calls()
     per: dict[str, list[dict[str, Any]]] = {}
@@ -44,14 +45,14 @@ def functions() -> str:
         prof = r.profiles.for_function(name)
         mine = per.get(name, [])
         errors = sum(1 for x in mine if x["outcome"] != outcomes.OK)
-        bs = buckets(mine, start, width, 12)
+        recent = [x["duration_ms"] for x in mine[-SPARK_CALLS:]]
         out.append({
             "name": name, "version": r.store.current(name), "profile": prof.profile, "timeout_s": prof.timeout_s,
             "memory_mb": prof.memory_mb, "max_concurrency": prof.max_concurrency, "network": prof.network,
             "last_call": last.get(name), "calls": len(mine), "errors": errors,
             "error_rate": (errors / len(mine)) if mine else None,
             "p50": percentile([x["duration_ms"] for x in mine if x["duration_ms"] is not None], 0.5),
-            "spark": charts.sparkline([b.p50 for b in bs], f"median latency of {name}, last hour, 5-minute steps"),
+            "spark": charts.sparkline(recent, f"latency of the last {len(recent)} calls of {name}"),
         })
     return render_template("functions.html", **ctx(functions=out, page="functions", q=request.args.get("q", "")))
 
