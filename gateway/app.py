@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import admin, metrics
+from gateway import admin, async_routes, metrics
 from gateway.admission import ConcurrencyLimiter, worker_cap
 from gateway.deploy import FunctionStore
 from gateway.errors import GatewayError, error_response
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     app.register_blueprint(bp)
     if rt.admin_token:
         app.register_blueprint(admin.bp)
+    async_routes.install(app, start)  # /async-function, /calls, the queue's executor threads and scheduler
 
     @app.get("/metrics")
     def _metrics() -> Response:

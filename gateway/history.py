@@ -24,13 +24,15 @@ import time
 from typing import Any
 
 COLUMNS = ("time", "request_id", "function", "version", "method", "path", "status", "outcome", "duration_ms",
-           "cpu_ms", "max_rss_kb", "output", "complete")
+           "cpu_ms", "max_rss_kb", "output", "complete", "trigger")
+# What a record that does not say gets: sync calls come from gateway/routes.py, queued ones say async|schedule.
+_DEFAULTS = {"complete": 1, "trigger": "sync"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL, request_id TEXT NOT NULL, function TEXT NOT NULL, version INTEGER,
     method TEXT, path TEXT, status INTEGER, outcome TEXT, duration_ms REAL, cpu_ms REAL, max_rss_kb INTEGER,
-    output TEXT, complete INTEGER NOT NULL DEFAULT 1
+    output TEXT, complete INTEGER NOT NULL DEFAULT 1, trigger TEXT NOT NULL DEFAULT 'sync'
 );
 CREATE INDEX IF NOT EXISTS calls_function ON calls (function, id);
 CREATE INDEX IF NOT EXISTS calls_request ON calls (request_id);
@@ -45,8 +47,11 @@ def connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the process
     db.executescript(SCHEMA)
-    if "complete" not in {row[1] for row in db.execute("PRAGMA table_info(calls)")}:  # a database of 0.1
+    columns = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    if "complete" not in columns:  # a database of 0.1
         db.execute("ALTER TABLE calls ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
+    if "trigger" not in columns:  # before async calls and schedules
+        db.execute("ALTER TABLE calls ADD COLUMN trigger TEXT NOT NULL DEFAULT 'sync'")
     return db
 
 
@@ -183,7 +188,7 @@ class History:
                     db.execute("BEGIN IMMEDIATE")
                     db.executemany(
                         f"INSERT INTO calls ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
-                        [tuple(r.get(c, 1 if c == "complete" else None) for c in COLUMNS) for r in inserts])
+                        [tuple(r.get(c, _DEFAULTS.get(c)) for c in COLUMNS) for r in inserts])
                     db.executemany("UPDATE calls SET cpu_ms=?, max_rss_kb=?, complete=1 "
                                    "WHERE request_id=? AND complete=0",
                                    [(cpu, rss, rid) for rid, cpu, rss in finishes])
