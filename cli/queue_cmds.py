@@ -80,7 +80,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queue = open_queue(settings, js)
     executor = Executor(queue, settings, js, profiles, supervisor, history, limiter,
                         FunctionStore(settings.functions_dir, settings.data_dir), threads=args.concurrency)
-    sched = Scheduler(queue, profiles, js.board, on_tick=executor.wake) if args.schedules else None
+    sched = None
+    if args.schedules:
+        sched = Scheduler(queue, profiles, js.board, on_tick=executor.wake, late_override=js.schedule_late_s)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -152,7 +152,8 @@ def install(app: Flask, start: bool) -> Jobs:
         executor = Executor(queue, rt.settings, js, rt.profiles, rt.supervisor, rt.history, rt.limiter, rt.store)
         executor.start()
         if js.schedules:
-            sched = scheduler.Scheduler(queue, rt.profiles, js.board, on_tick=executor.wake)
+            sched = scheduler.Scheduler(queue, rt.profiles, js.board, on_tick=executor.wake,
+                                        late_override=js.schedule_late_s)
             sched.start()
             atexit.register(sched.stop)
         atexit.register(executor.stop)

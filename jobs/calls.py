@@ -72,6 +72,7 @@ class Call:
     board: str = ""  # the board that accepted it
     ran_on: str | None = None  # the board that ran its last attempt
     scheduled_for: float | None = None
+    caught_up: bool = False  # a tick missed while no board ran, run late because of catch_up = true
     callback_url: str | None = None
     callback: dict[str, Any] | None = None  # state, attempts, last_status, last_error, next_at, delivered_at
 
@@ -104,6 +105,7 @@ class Call:
             doc["next_attempt_at"] = self.run_at
         if self.scheduled_for is not None:
             doc["scheduled_for"] = self.scheduled_for
+            doc["caught_up"] = self.caught_up
         if self.callback_url:
             doc["callback"] = dict(self.callback or {}, url=self.callback_url)
         return doc

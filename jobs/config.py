@@ -39,6 +39,7 @@ class JobSettings:
     callback_allow: frozenset[tuple[str, int]]  # host:port pairs a callback may be POSTed to
     callback_retries: int
     schedules: bool  # whether this process fires schedule ticks
+    schedule_late_s: float | None  # a tick noticed later than this is missed (None: its period, in 5..60 s)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> JobSettings:
@@ -56,4 +57,5 @@ class JobSettings:
             callback_allow=allow,
             callback_retries=int(_num(env, "FNBOX_CALLBACK_RETRIES", 5, 0)),
             schedules=env.get("FNBOX_SCHEDULES", "1") != "0",
+            schedule_late_s=_num(env, "FNBOX_SCHEDULE_LATE_S", 0, 0) or None,
         )

@@ -52,8 +52,8 @@ def period(p: Profile, now: float) -> float:
     return next_after(p, a) - a
 
 
-def late_s(p: Profile, now: float) -> float:
-    return min(60.0, max(5.0, period(p, now)))
+def late_s(p: Profile, now: float, override: float | None = None) -> float:
+    return override if override else min(60.0, max(5.0, period(p, now)))
 
 
 def due(p: Profile, last: float, now: float) -> list[float]:
@@ -91,8 +91,10 @@ def tick_call(name: str, p: Profile, scheduled: float, board: str) -> Call:
 
 
 class Scheduler:
-    def __init__(self, queue: TickQueue, profiles: ProfileStore, board: str, on_tick: Any = None) -> None:
+    def __init__(self, queue: TickQueue, profiles: ProfileStore, board: str, on_tick: Any = None,
+                 late_override: float | None = None) -> None:
         self.queue, self.profiles, self.board = queue, profiles, board
+        self.late_override = late_override  # FNBOX_SCHEDULE_LATE_S
         self.on_tick = on_tick  # called after this process queued a tick's call (wakes the local executor)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,12 +128,14 @@ class Scheduler:
             ticks = due(p, last, now)
             if not ticks:
                 continue
-            limit = late_s(p, now)
+            limit = late_s(p, now, self.late_override)
             on_time = [t for t in ticks if now - t <= limit]
             missed = [t for t in ticks if now - t > limit]
             run = ([missed[-1]] if missed and p.catch_up else []) + on_time
             for t in run:
-                if self.queue.add_tick(tick_call(name, p, t, self.board), t):
+                c = tick_call(name, p, t, self.board)
+                c.caught_up = t not in on_time
+                if self.queue.add_tick(c, t):
                     queued += 1
             if missed:
                 print(f"fnbox: scheduler: {name}: {len(missed)} tick(s) missed while no board ran "
