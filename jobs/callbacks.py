@@ -65,20 +65,29 @@ def post(url: str, allow: frozenset[tuple[str, int]], doc: dict[str, Any], heade
     infos = socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(f"{t.host} does not resolve")
-    address = str(infos[0][4][0])
-    if t.scheme == "https":
-        conn: http.client.HTTPConnection = _PinnedHTTPS(t.host, address, t.port, TIMEOUT_S)
-    else:
-        conn = http.client.HTTPConnection(address, t.port, timeout=TIMEOUT_S)
     body = json.dumps(doc).encode()
     hdrs = {"Host": t.host if t.port in (80, 443) else f"{t.host}:{t.port}", "Content-Type": "application/json",
             "User-Agent": "fnbox-callback", **headers}
-    try:
-        conn.request("POST", t.path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        resp.read(65536)
-        return resp.status
-    except (http.client.HTTPException, ssl.SSLError) as e:
-        raise OSError(str(e)) from None
-    finally:
-        conn.close()
+    error: OSError | None = None
+    for info in infos:  # the addresses of this one resolution, in order, until one connects
+        address = str(info[4][0])
+        if t.scheme == "https":
+            conn: http.client.HTTPConnection = _PinnedHTTPS(t.host, address, t.port, TIMEOUT_S)
+        else:
+            conn = http.client.HTTPConnection(address, t.port, timeout=TIMEOUT_S)
+        try:
+            conn.connect()
+        except OSError as e:
+            error = e
+            conn.close()
+            continue
+        try:
+            conn.request("POST", t.path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            resp.read(65536)
+            return resp.status
+        except (http.client.HTTPException, ssl.SSLError) as e:
+            raise OSError(str(e)) from None
+        finally:
+            conn.close()
+    raise error or OSError(f"cannot connect to {t.host}:{t.port}")
