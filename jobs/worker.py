@@ -103,6 +103,20 @@ class Executor:
             t = threading.Thread(target=self._upkeep_loop, name="fnbox-jobs-upkeep", daemon=True)
             t.start()
             self._workers.append(t)
+        if hasattr(self.queue, "heartbeat"):
+            t = threading.Thread(target=self._heartbeat_loop, name="fnbox-jobs-heartbeat", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def _heartbeat_loop(self) -> None:
+        """Other boards learn that this executor is alive (and leave its running calls alone)."""
+        while True:
+            try:
+                self.queue.heartbeat(self.owner)
+            except Exception as e:
+                print(f"fnbox: queue: heartbeat failed: {e}", file=sys.stderr)
+            if self._stop.wait(1.0):
+                return
 
     def wake(self) -> None:
         """A call was just queued by this process: look now rather than at the next poll."""
@@ -130,8 +144,9 @@ class Executor:
                 c = None
                 self._stop.wait(1.0)
             if c is None:
-                self._wake.wait(IDLE_WAIT_S)
-                self._wake.clear()
+                if not getattr(self.queue, "blocking", False):
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
                 continue
             self.running += 1
             try:
@@ -233,6 +248,8 @@ class Executor:
         last_prune = 0.0
         while not self._stop.wait(UPKEEP_EVERY_S if self._idle_callbacks() else 0.0):
             try:
+                if hasattr(self.queue, "maintain"):
+                    self.queue.maintain()
                 self.recover()
                 if time.monotonic() - last_prune > min(60.0, self.js.retention_s):
                     self.queue.prune(self.js.retention_s)
@@ -247,6 +264,8 @@ class Executor:
         n = 0
         for c in self.queue.running():
             alive = owner_alive(c.owner or "", self.js.board)
+            if alive is None and hasattr(self.queue, "owner_alive"):
+                alive = self.queue.owner_alive(c.owner or "")
             if alive or (alive is None and (c.lease_until or 0) > now):
                 continue
             owner = c.owner
