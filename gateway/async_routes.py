@@ -42,6 +42,15 @@ def _jobs() -> Jobs:
     return current_app.extensions["fnbox_jobs"]
 
 
+def _base_url() -> str:
+    """This server's URL as the client sees it: behind our nginx (a trusted peer), its X-Forwarded-Host."""
+    rt = current_app.extensions["fnbox"]
+    fwd = request.headers.get("X-Forwarded-Host", "").split(",")[-1].strip()
+    if fwd and request.remote_addr in rt.settings.forwarded_allow_ips and re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", fwd):
+        return f"{request.scheme}://{fwd}"
+    return request.host_url.rstrip("/")
+
+
 def _sync_path(path: str) -> str:
     """/async-function/x/y -> /function/x/y: the function sees the request as its sync route would."""
     return "/function" + path[len("/async-function"):] if path.startswith("/async-function") else path
@@ -80,7 +89,7 @@ def enqueue(name: str, subpath: str) -> tuple[Response, int]:
         raise GatewayError(outcomes.UNAVAILABLE, str(e)) from None
     if jobs.executor is not None:
         jobs.executor.wake()
-    status_url = request.host_url.rstrip("/") + f"/calls/{cid}"
+    status_url = f"{_base_url()}/calls/{cid}"
     resp = jsonify({"call_id": cid, "status_url": status_url, "status": QUEUED, "function": name})
     resp.headers["Location"] = status_url
     return resp, 202
@@ -93,7 +102,7 @@ def call_status(call_id: str) -> Response:
     if c is None:
         raise GatewayError(outcomes.NOT_FOUND, f"no call {call_id!r} (unknown, or older than the retention)")
     g.function = c.function
-    resp = jsonify(c.public(request.host_url.rstrip("/") + f"/calls/{c.id}"))
+    resp = jsonify(c.public(f"{_base_url()}/calls/{c.id}"))
     resp.headers["Cache-Control"] = "no-store"
     return resp
 
@@ -159,6 +168,8 @@ def install(app: Flask, start: bool) -> Jobs:
         atexit.register(executor.stop)
     jobs = Jobs(js, queue, executor, sched)
     app.extensions["fnbox_jobs"] = jobs
+    if js.redis_url:
+        _deploy_channel(app, rt, js, start)
 
     @app.errorhandler(QueueUnavailable)
     def _queue_down(e: QueueUnavailable) -> Response:
@@ -169,6 +180,28 @@ def install(app: Flask, start: bool) -> Jobs:
     if rt.admin_token:
         app.register_blueprint(admin_bp)
     return jobs
+
+
+_CHANGES = {"admin.deploy": "deploy", "admin.rollback": "rollback", "admin.delete": "delete"}
+
+
+def _deploy_channel(app: Flask, rt: Any, js: JobSettings, start: bool) -> None:
+    """Several boards: a deploy, rollback or delete answered here is published; those of others are applied."""
+    from jobs.deploys import DeployChannel
+
+    channel = DeployChannel(js.redis_url or "", rt.store, rt.settings.data_dir, js.board)
+    if start:
+        channel.start()
+
+    @app.after_request
+    def _publish(resp: Response) -> Response:
+        op = _CHANGES.get(request.endpoint or "")
+        if op and resp.status_code < 300:
+            try:
+                channel.publish(op, request.view_args["name"])  # type: ignore[index]
+            except Exception as e:  # the change is made here; other boards catch up when Redis is back
+                resp.headers["X-Fnbox-Cluster-Warning"] = f"not published to other boards: {e}"[:200]
+        return resp
 
 
 def shutdown(app: Any) -> None:

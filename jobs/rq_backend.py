@@ -123,8 +123,8 @@ class RedisQueue:
             return None
         job, _ = got
         call_id = self._job_call_id(job)
-        self._drop_job(job)
         if call_id is None:
+            self._guard(lambda: self._drop_job(job))
             return None
         now = time.time()
 
@@ -132,11 +132,15 @@ class RedisQueue:
             if c.state != QUEUED:
                 return False  # a duplicate job of a call already taken (a recovery raced its runner)
             c.state, c.owner, c.started, c.finished = RUNNING, owner, now, None
+            c.ran_on = owner.split("/")[0]
             c.lease_until = now + lease_for(c.function)
             c.attempts += 1
             return True
 
-        c = self.modify(call_id, take)
+        # The call first, the job after: if Redis goes away in between, the job is still in RQ's intermediate
+        # list and maintain() puts it back; a job whose call is taken already is then just dropped.
+        c = self._modify(call_id, take, requeue=False)
+        self._guard(lambda: self._drop_job(job))
         if c is None or c.state != RUNNING or c.owner != owner or c.started != now:
             return None
         return c

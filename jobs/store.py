@@ -108,6 +108,7 @@ class SqliteQueue:
                 return None
             c = Call.from_json(row[0])
             c.state, c.owner, c.started, c.finished = RUNNING, owner, now, None
+            c.ran_on = owner.split("/")[0]
             c.lease_until = now + lease_for(c.function)
             c.attempts += 1
             self._write(db, c)

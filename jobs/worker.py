@@ -31,6 +31,7 @@ from jobs.calls import (
     owner_id,
 )
 from jobs.config import JobSettings
+from jobs.store import QueueUnavailable
 from runner import outcomes
 from runner.config import Settings
 from runner.profiles import ProfileStore
@@ -205,7 +206,7 @@ class Executor:
             c.owner, c.lease_until, c.finished, c.result = None, None, finished, res
             if c.callback_url:
                 c.callback = {"state": CB_PENDING, "attempts": 0, "next_at": finished}
-        if not self.queue.update(c, owner=self.owner):
+        if not self._persist(c):
             print(f"fnbox: queue: call {c.id} was taken over while it ran here; its result here is dropped",
                   file=sys.stderr)
             return
@@ -215,7 +216,20 @@ class Executor:
         c.state, c.owner, c.lease_until, c.started = QUEUED, None, None, None
         c.attempts -= 1
         c.run_at = time.time() + delay
-        self.queue.update(c, owner=self.owner)
+        self._persist(c)
+
+    def _persist(self, c: Call) -> bool:
+        """Writes the call's new state, waiting out a queue outage (Redis restarting) for as long as the call's
+        lease lasts: after that another runner may have taken it over anyway."""
+        deadline = time.monotonic() + self._lease_for(c.function)
+        while True:
+            try:
+                return self.queue.update(c, owner=self.owner)
+            except QueueUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise
+                print(f"fnbox: queue: cannot record call {c.id} yet: {e}", file=sys.stderr)
+                time.sleep(1.0)
 
     def _record(self, c: Call, status: int, outcome: str, message: str, total_ms: float,
                 result: CallResult | None) -> None:
@@ -266,8 +280,8 @@ class Executor:
             alive = owner_alive(c.owner or "", self.js.board)
             if alive is None and hasattr(self.queue, "owner_alive"):
                 alive = self.queue.owner_alive(c.owner or "")
-            if alive or (alive is None and (c.lease_until or 0) > now):
-                continue
+            if alive is not False and (c.lease_until or 0) > now:
+                continue  # its runner lives (or may: another board's, within its lease)
             owner = c.owner
 
             def interrupted(x: Call, owner: str | None = owner) -> bool:
