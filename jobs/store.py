@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ class SqliteQueue:
         if not os.path.exists(path):
             # Queued requests carry headers and bodies: private to the server's user, like the history.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._local = threading.local()
         db = self._connect()
         db.executescript(SCHEMA)
         db.close()
@@ -56,11 +58,25 @@ class SqliteQueue:
         db.execute("PRAGMA synchronous=FULL")  # the 202 promises the call is on disk
         return db
 
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened once (per process: a forked child opens its own)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.db, local.pid = self._connect(), os.getpid()
+        return local.db
+
+    def _due(self, sql: str, args: tuple) -> bool:
+        """A read without any lock: whether there is anything to take before taking the write lock for it."""
+        try:
+            return self._conn().execute(sql, args).fetchone() is not None
+        except sqlite3.Error as e:
+            raise QueueUnavailable(f"the queue database failed: {e}") from None
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction on a fresh connection (cheap, and safe across threads and forks)."""
+        """One IMMEDIATE transaction on this thread's connection."""
         try:
-            db = self._connect()
+            db = self._conn()
         except sqlite3.Error as e:
             raise QueueUnavailable(f"the queue database cannot be opened: {e}") from None
         try:
@@ -79,8 +95,6 @@ class SqliteQueue:
             except sqlite3.Error:
                 pass
             raise
-        finally:
-            db.close()
 
     @staticmethod
     def _write(db: sqlite3.Connection, c: Call) -> None:
@@ -101,6 +115,8 @@ class SqliteQueue:
     def claim(self, owner: str, lease_for: Callable[[str], float]) -> Call | None:
         """The oldest call that is due, now RUNNING under `owner`, its attempt counted; None if none is due."""
         now = time.time()
+        if not self._due("SELECT 1 FROM calls WHERE state=? AND run_at<=? LIMIT 1", (QUEUED, now)):
+            return None
         with self._tx() as db:
             row = db.execute("SELECT doc FROM calls WHERE state=? AND run_at<=? ORDER BY run_at LIMIT 1",
                              (QUEUED, now)).fetchone()
@@ -173,6 +189,8 @@ class SqliteQueue:
     def claim_callback(self, lease_s: float) -> Call | None:
         """A finished call whose callback is due and not being delivered by someone else, leased to the caller."""
         now = time.time()
+        if not self._due("SELECT 1 FROM calls WHERE cb_state=? AND cb_next<=? LIMIT 1", (CB_PENDING, now)):
+            return None
         with self._tx() as db:
             row = db.execute("SELECT doc FROM calls WHERE cb_state=? AND cb_next<=? AND (cb_lease IS NULL OR "
                              "cb_lease<?) AND state IN (?,?) ORDER BY cb_next LIMIT 1",

@@ -74,6 +74,47 @@ def stop_keeping_state(s: Server, hard: bool = False) -> None:
     s.log.close()
 
 
+def start_worker(server: Server, *args: str) -> subprocess.Popen:
+    """`fnbox worker` with the server's environment (same queue, functions, profiles), waited for until it says
+    it runs; its output goes to a file beside the server's log."""
+    from tests.conftest import REPO
+
+    log = open(server.log_path + f".worker-{time.monotonic_ns()}", "w+b")
+    proc = subprocess.Popen([os.path.join(REPO, ".venv", "bin", "fnbox"), "worker", *args], cwd=REPO, env=server.env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ready() -> bool:
+        log.seek(0)
+        text = log.read().decode("utf-8", "replace")
+        if proc.poll() is not None:
+            raise AssertionError(f"fnbox worker exited with {proc.returncode}: {text}")
+        return "fnbox worker: board" in text
+
+    wait_for(ready, 30, "fnbox worker started")
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen, hard: bool = False) -> None:
+    """SIGTERM (or SIGKILL of it and every process below it: its fork server, its calls), then wait."""
+    if hard:
+        try:
+            victims = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            victims = []
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.asynckit import enqueue, stop_keeping_state, wait_call, wait_for
+from tests.asynckit import enqueue, start_worker, stop_keeping_state, stop_worker, wait_call, wait_for
 from tests.conftest import REPO
 from tests.helpers import assert_error
 
@@ -218,3 +218,22 @@ def test_retention_removes_finished_calls(make_server):
     cid = enqueue(s.url, "echo")
     wait_call(s.url, cid)
     wait_for(lambda: s.get(f"/calls/{cid}").status_code == 404, 20, "the record pruned")
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_of_a_fnbox_worker_mid_call_retries_the_call(make_server):
+    """Queued calls run only in a separate `fnbox worker` here; killing it mid-call loses nothing."""
+    s = make_server(functions=FUNCTIONS, profiles=PROFILES, env={"FNBOX_ASYNC_CONCURRENCY": "0"}).start()
+    cid = enqueue(s.url, "sleepy?s=5")  # retries = 1
+    first = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        wait_call(s.url, cid, states=("running",))
+    finally:
+        stop_worker(first, hard=True)  # the worker, its fork server and the call's process
+    second = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        call = wait_call(s.url, cid, timeout=40)
+    finally:
+        stop_worker(second)
+    assert call["status"] == "done" and call["attempts"] == 2, call
+    assert [a["outcome"] for a in call["attempt_log"]] == ["unavailable", "ok"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from datetime import datetime
@@ -14,7 +13,7 @@ from datetime import datetime
 import pytest
 import requests
 
-from tests.asynckit import stop_keeping_state, wait_for
+from tests.asynckit import start_worker, stop_keeping_state, stop_worker, wait_for
 from tests.conftest import REPO
 
 TOKEN = "sched-test-token"
@@ -36,29 +35,15 @@ def _ticks(server, function: str) -> list[float]:
     return sorted(c["scheduled_for"] for c in _schedule_calls(server) if c["function"] == function)
 
 
-def _start_worker(server) -> subprocess.Popen:
-    return subprocess.Popen([FNBOX, "worker", "--concurrency", "1"], cwd=REPO, env=server.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def _stop_worker(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
 @pytest.mark.timeout(90)
 def test_every_tick_runs_exactly_once_across_workers_and_a_worker_process(make_server):
     s = make_server(functions={"tick": TICK}, profiles={"functions.toml": '[tick]\nevery = "1s"\n'},
                     env={"FNBOX_ADMIN_TOKEN": TOKEN}, workers=2).start()
-    worker = _start_worker(s)
+    worker = start_worker(s, "--concurrency", "1")
     try:
         wait_for(lambda: len(_ticks(s, "tick")) >= 6, 40, "six ticks")
     finally:
-        _stop_worker(worker)
+        stop_worker(worker)
     ticks = _ticks(s, "tick")
     assert len(ticks) == len(set(ticks)), f"a tick ran twice: {ticks}"
     assert all(t == int(t) for t in ticks)  # aligned on whole seconds, the same on every process

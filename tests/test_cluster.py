@@ -52,6 +52,16 @@ FUNCTIONS = {
         def main(request):
             return request.headers.get("X-Fnbox-Scheduled-Time", "")
     """,
+    "probe": """
+        import socket
+
+        def main(request):
+            try:
+                socket.create_connection(("127.0.0.1", int(request.args["port"])), timeout=2).close()
+                return "connected"
+            except OSError as e:
+                return "no route: " + type(e).__name__
+    """,
 }
 PROFILES = {"functions.toml": """
     [flaky]
@@ -139,6 +149,14 @@ def test_async_calls_through_nginx_complete_and_every_board_shows_them(cluster):
         assert {listed[c]["ran_on"] for c in ids} <= {"b1", "b2", "b3"}
     ran = {wait_call(cluster.url, c)["ran_on"] for c in ids}
     assert len(ran) >= 2, ran  # three executors take jobs from one queue
+
+
+def test_a_function_cannot_reach_redis(cluster):
+    # Default profile: network = false, an empty network namespace. (network = true: see docs/cluster.md.)
+    r = cluster.boards[0].get(f"/function/probe?port={cluster.redis.port}")
+    assert r.status_code == 200 and r.text.startswith("no route"), r.text
+    cid = cluster.enqueue(f"probe?port={cluster.redis.port}")
+    assert wait_call(cluster.url, cid)["result"]["body"].startswith("no route")
 
 
 def test_callbacks_are_delivered(cluster):
