@@ -124,6 +124,9 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
     if rt is not None:
+        from gateway.async_routes import shutdown
+
+        shutdown(app)  # queued calls running here end (or go back to the queue) before the runner stops
         rt.supervisor.close()
         rt.history.close()
 
