@@ -291,6 +291,11 @@ def test_metrics_count_calls_exactly_across_workers(server):
     assert value(after, "fnbox_call_duration_seconds_bucket", function="m_loop", le="2.5") == 1
     assert value(after, "fnbox_call_duration_seconds_sum", function="m_loop") >= 1.0
     assert value(after, "fnbox_sandbox_kills_total", reason="timeout") == kills_before + 1
+    # A call is in flight until its last process is gone, which may be a moment after its answer.
+    deadline = time.monotonic() + 10
+    while value(after, "fnbox_calls_in_flight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = metrics(server)
     assert value(after, "fnbox_calls_in_flight") == 0
     # Both workers served these calls, so both workers' files were merged.
     pids = {requests.get(server.url + "/healthz", timeout=10).json()["worker_pid"] for _ in range(40)}
