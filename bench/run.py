@@ -1,9 +1,9 @@
-"""fnbox benchmark: fnbox against the seed's in-process design and a naive spawn-per-call design.
+"""fnbox benchmark: fnbox against the seed's in-process design, a bare fork per call and a spawn per call.
 
-Usage: .venv/bin/python bench/run.py [--servers seed,spawn,fnbox] [--rounds N] [--duration S] [--quick]
+Usage: .venv/bin/python bench/run.py [--servers seed,floor,spawn,fnbox] [--rounds N] [--duration S] [--quick]
                                       [--no-write] [--keep-tmp]
 
-All three servers run side by side on free loopback ports under the same Gunicorn settings (gthread, the
+All four servers run side by side on free loopback ports under the same Gunicorn settings (gthread, the
 workers/threads defaults of ops/gunicorn.conf.py) and are driven by wrk in alternation, scenario by scenario,
 so slow drift of the machine (thermal, page cache, other tenants) hits every server alike. Results go to
 stdout and to the "Latest benchmark run" section of docs/performance.md.
@@ -36,7 +36,7 @@ from servers import Server, free_port, start, stop, wait_http_ok, wait_quiet
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 GUNICORN_CONF = REPO / "ops" / "gunicorn.conf.py"
-ALL_SERVERS = ("seed", "spawn", "fnbox")
+ALL_SERVERS = ("seed", "floor", "spawn", "fnbox")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WARMUP = next(sc for sc in SCENARIOS if sc.key == "hello@8")
 INFLIGHT_FUNCTION = "sleep2"
@@ -341,7 +341,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
-        help="comma-separated subset of seed,spawn,fnbox (default: all)",
+        help="comma-separated subset of seed,floor,spawn,fnbox (default: all)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds of all scenarios (default 3)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
@@ -360,7 +360,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [n for n in names if n not in ALL_SERVERS]
     if bad or not names:
         p.error(f"unknown server(s) {bad}; choose from {','.join(ALL_SERVERS)}")
-    # Keep the canonical order so tables and alternation read seed, spawn, fnbox whatever the flag's order.
+    # Keep the canonical order so tables and alternation read seed, floor, spawn, fnbox whatever the flag's order.
     args.names = [n for n in ALL_SERVERS if n in names]
     return args
 

@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
                                "FNBOX_ADMIN_TOKEN=<a long random secret> in its environment (docs/operators.md)")
 
     if start:
-        supervisor.start()
+        supervisor.start_or_retry()
         atexit.register(supervisor.close)
         atexit.register(history.close)
     return app

@@ -83,10 +83,13 @@ class Finish(_Message):
     request_id: str
     cpu_ms: float | None
     max_rss_kb: int | None
+    outcome: str | None = None  # replaces the answer's when the call ended otherwise (killed after answering)
+    duration_ms: float | None = None
 
     def apply(self, db: sqlite3.Connection) -> int:
-        db.execute("UPDATE calls SET cpu_ms=?, max_rss_kb=?, complete=1 WHERE request_id=? AND complete=0",
-                   (self.cpu_ms, self.max_rss_kb, self.request_id))
+        db.execute("UPDATE calls SET cpu_ms=?, max_rss_kb=?, outcome=COALESCE(?, outcome), "
+                   "duration_ms=COALESCE(?, duration_ms), complete=1 WHERE request_id=? AND complete=0",
+                   (self.cpu_ms, self.max_rss_kb, self.outcome, self.duration_ms, self.request_id))
         return 0
 
 
@@ -149,12 +152,14 @@ class History:
             if self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
                 self._cond.wait_for(lambda: self._done >= seq, self.wait_s)
 
-    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None) -> None:
-        """Completes a call's row once its processes are gone (the answer went out before that). Never waits:
-        it runs on the runner's reader thread."""
+    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None, outcome: str | None = None,
+               duration_ms: float | None = None) -> None:
+        """Completes a call's row once its processes are gone (the answer went out before that); `outcome` and
+        `duration_ms` replace the answer's when the call ended otherwise (a function that answered and kept
+        running until its timeout). Never waits: it runs on the runner's reader thread."""
         with self._cond:
             try:
-                self._queue.put_nowait(Finish(request_id, cpu_ms, max_rss_kb))
+                self._queue.put_nowait(Finish(request_id, cpu_ms, max_rss_kb, outcome, duration_ms))
             except queue.Full:
                 self.dropped += 1
                 return

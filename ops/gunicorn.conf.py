@@ -96,6 +96,14 @@ def on_starting(server):
     cap = max_calls_for(settings, pset.profiles["default"].memory_mb)
     server.log.info("fnbox: at most %d calls in flight (FNBOX_MAX_CALLS%s), %d workers x %d threads", cap,
                     "" if settings.max_calls else ", derived from memory and threads", workers, threads)
+    # Which sandbox layers this machine and these privileges allow, the admin API, and secrets at risk.
+    from gateway.startup import startup_lines
+
+    try:
+        for warning, line in startup_lines(settings, os.environ.get("FNBOX_ADMIN_TOKEN") or None):
+            (server.log.warning if warning else server.log.info)("fnbox: %s", line)
+    except Exception as e:  # a report must never keep the server from starting
+        server.log.warning("fnbox: cannot report the sandbox layers: %r", e)
 
 
 def post_worker_init(worker):

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the tests and the benchmark use (nginx for the proxy test, wrk for load).
+# Installs the Debian packages that the tests and the benchmark use (nginx for the proxy test, wrk for load)
+# and that the sandbox needs (libseccomp2 for the syscall filter).
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+# The syscall filter: pyseccomp (requirements.txt) is a ctypes binding to Debian's libseccomp.
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "setup-system: missing ${need[*]}; install them as root (apt-get install -y ${need[*]})" >&2

@@ -233,6 +233,9 @@ def _serialize(resp: flask.Response, max_body: int) -> tuple[dict[str, Any], byt
 def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
     global _main
     header, body = read_frame(0)
+    # The profile's [env] comes from the gateway with the request, never through the fork server (see
+    # runner.supervisor): the sandbox gave this process a minimal environment, the function's own is added here.
+    os.environ.update(header.get("env") or {})
     environ: dict[str, Any] = dict(header["environ"])
     environ.update({
         "wsgi.input": io.BytesIO(body),
@@ -334,5 +337,5 @@ def main(functions_dir: str, name: str, profile: Profile) -> None:
         # process (several ms for a forked interpreter) that nobody needs to wait for.
         os.closerange(0, CHILD_RESULT_FD + 1)
     except BaseException:
-        code = 70  # EX_SOFTWARE: the runner itself failed; the gateway reports the call as crashed
+        code = outcomes.ExitCode.RUNNER_FAILED  # the gateway reports the call as crashed
     os._exit(code)

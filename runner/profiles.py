@@ -43,6 +43,7 @@ class Profile:
     memory_mb: int = 128  # peak RSS of the call's process tree; also the kernel cgroup limit
     max_processes: int = 16  # processes and threads of the call at once
     max_file_mb: int = 16  # largest file the call may write (RLIMIT_FSIZE)
+    max_disk_mb: int = 64  # everything the call writes (its /tmp tmpfs, RAM charged to memory_mb); ENOSPC past it
     max_request_kb: int = 1024  # request body; more is 413 request_too_large
     max_response_kb: int = 4096  # response body; more is 502 output_limit
     max_log_kb: int = 64  # captured stdout/stderr kept; the rest is dropped and counted
@@ -72,6 +73,7 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "memory_mb": ((int,), 16),
     "max_processes": ((int,), 1),
     "max_file_mb": ((int,), 0),
+    "max_disk_mb": ((int,), 1),
     "max_request_kb": ((int,), 0),
     "max_response_kb": ((int,), 0),
     "max_log_kb": ((int,), 0),
@@ -243,7 +245,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def effective_table(pset: ProfileSet, names: list[str]) -> str:
-    cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_request_kb",
+    cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_disk_mb", "max_request_kb",
             "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback", "entry_point"]
     rows = [["function", "profile", *cols, "env"]]
     for name in names:

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import requests
 
-from tests.conftest import Server, dedent
+from tests.conftest import Server, dedent, server_fixture
 
 TOKEN = "admin-test-token-3f9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,14 +35,9 @@ PROFILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    # The harness gives every server its own FNBOX_DATA_DIR (s.data_dir, 0755 outside pytest's 0700 tmp:
-    # deployed packages are symlinks into it, read by sandbox uids).
-    s = Server(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN})
-    s.start()
-    yield s
-    s.stop()
+# The harness gives every server its own FNBOX_DATA_DIR (s.data_dir, 0755 outside pytest's 0700 tmp: deployed
+# packages are symlinks into it, read by sandbox uids).
+server = server_fixture(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN})
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

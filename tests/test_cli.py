@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, Server, dedent, free_port
+from tests.conftest import REPO, dedent, free_port, server_fixture
 
 FNBOX = os.path.join(REPO, ".venv", "bin", "fnbox")
 TOKEN = "cli-test-token-5e07"
@@ -47,12 +47,7 @@ PROFILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server(functions=FUNCTIONS, profiles=PROFILES, env={"FNBOX_ADMIN_TOKEN": TOKEN})
-    s.start()
-    yield s
-    s.stop()
+server = server_fixture(functions=FUNCTIONS, profiles=PROFILES, env={"FNBOX_ADMIN_TOKEN": TOKEN})
 
 
 def fnbox(*args: str, url: str | None = None, token: str | None = TOKEN, extra_env: dict[str, str] | None = None,

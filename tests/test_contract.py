@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import server_fixture
 from tests.helpers import assert_error, assert_error_body, log_line, log_lines, new_request_id, raw_request
 
 FUNCTIONS = {
@@ -110,12 +110,7 @@ LOG_KEYS = ("time", "request_id", "function", "method", "status", "outcome", "du
             "max_rss_kb")
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server(functions=FUNCTIONS)
-    s.start()
-    yield s
-    s.stop()
+server = server_fixture(functions=FUNCTIONS)
 
 
 @pytest.fixture

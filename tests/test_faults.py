@@ -34,7 +34,7 @@ import pytest
 import requests
 
 import tests.conftest as conftest
-from tests.conftest import REPO, Server, assert_nothing_left, sandbox_processes
+from tests.conftest import REPO, SHARED, Server, assert_nothing_left, sandbox_processes
 from tests.faultkit import (
     FAULTS_UID_BASE,
     alive,
@@ -92,7 +92,7 @@ def iso(monkeypatch) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def world() -> Iterator[str]:
     """A folder every sandbox uid may write to: the calls' markers."""
-    d = tempfile.mkdtemp(prefix="fnbox-faults-world-", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="fnbox-faults-world-", dir=SHARED)
     os.chmod(d, 0o777)
     try:
         yield d
@@ -414,6 +414,8 @@ def test_graceful_reload_keeps_every_call(make_server, iso):
         t.join(30)
     failed = [(want, got) for want, got in results if got != (200, want)]
     assert len(results) > 50 and not failed, (len(results), failed[:10])
+    # The second reload's old workers finish their calls and exit on their own time (graceful_timeout).
+    wait_for(lambda: len(workers_of(srv)) == 2, 15)
     after_workers = {w.pid for w in workers_of(srv)}
     assert len(after_workers) == 2 and not after_workers & before_workers, (before_workers, after_workers)
     assert wait_for(lambda: not [p for p in before_forks if alive(p)], 5), "an old fork server is still running"

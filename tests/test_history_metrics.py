@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, dedent
+from tests.conftest import Server, dedent, server_fixture
 
 TOKEN = "history-test-token-81d2"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -72,19 +72,12 @@ RECORD_KEYS = {"time", "request_id", "function", "version", "method", "path", "s
                "cpu_ms", "max_rss_kb", "output"}
 
 
-def start_server(**env: str) -> Server:
-    """Two workers, so that every count and every record crosses processes. The harness gives the server its
-    own FNBOX_DATA_DIR (s.data_dir), where the history database lives."""
-    s = Server(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN, **env})
-    s.db_path = os.path.join(s.data_dir, "history.sqlite3")
-    return s.start()
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = start_server()
-    yield s
-    s.stop()
+# Two workers, so that every count and every record crosses processes. The harness gives each server its own
+# FNBOX_DATA_DIR (s.data_dir), where the history database (s.db_path) lives.
+server = server_fixture(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN})
+small_server = server_fixture("small_server", functions=FUNCTIONS, profiles=PROFILES, workers=2,
+                              env={"FNBOX_ADMIN_TOKEN": TOKEN, "FNBOX_HISTORY_MAX_ROWS": "300",
+                                   "FNBOX_HISTORY_MAX_AGE_DAYS": "1"})
 
 
 def admin(server: Server, path: str, **kw) -> requests.Response:
@@ -349,13 +342,6 @@ def test_fork_server_restart_is_counted(server):
 
 
 # -- retention and a failing database ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_server():
-    s = start_server(FNBOX_HISTORY_MAX_ROWS="300", FNBOX_HISTORY_MAX_AGE_DAYS="1")
-    yield s
-    s.stop()
-
-
 @pytest.mark.timeout(90)
 def test_retention_keeps_the_newest_max_rows(small_server):
     s = small_server
