@@ -175,6 +175,16 @@ NETWORK_OFF_HINT = ("; this function's profile has network = false: its calls ru
                     "(docs/operators.md)")
 
 
+def _importable(top: str) -> bool:
+    """Whether a top-level module exists (`import pkg.nosuchsub` fails in an installed package: not missing)."""
+    if top in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _missing_package(exc: ModuleNotFoundError) -> str:
     top = (exc.name or "?").split(".")[0]
     return (f"No module named {top!r}: the function imports {top!r}, which is not installed. Add the package "
@@ -184,7 +194,8 @@ def _missing_package(exc: ModuleNotFoundError) -> str:
 
 def _failure(exc: BaseException, network: bool) -> dict[str, Any]:
     """The error frame of an exception raised by importing or calling the function."""
-    if isinstance(exc, ModuleNotFoundError) and not (exc.name or "").startswith(PACKAGE + "."):
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith(PACKAGE + ".") \
+            and not _importable(exc.name.split(".")[0]):
         return _error(outcomes.MISSING_DEPENDENCY, exc, _missing_package(exc))
     if not network and _is_network_error(exc):
         return _error(outcomes.FUNCTION_ERROR, exc, str(exc) + NETWORK_OFF_HINT)
