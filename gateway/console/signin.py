@@ -37,9 +37,9 @@ def _login_page(status: int = 200, error: str | None = None) -> Response:
 @bp.get("/login")
 def login() -> Response:
     s = g.get("console_session")
-    if s is not None:
+    if s is not None and s.role == auth.ADMIN:
         return redirect(_safe_next(request.args.get("next"), s.role))  # type: ignore[return-value]
-    return _login_page()
+    return _login_page()  # also for a playground session: its owner may hold the admin token
 
 
 @bp.post("/login")
@@ -60,6 +60,9 @@ def login_post() -> Response:
     if role is None:
         st.store.record_attempt(key)
         return _login_page(401, "That token or password is not right.")
+    old = request.cookies.get(auth.SECURE_COOKIE) or request.cookies.get(auth.COOKIE)
+    if old:
+        st.store.end_session(old)  # a new session id at every sign-in: no fixation, no stale playground session
     sid, _ = st.store.create_session(role, client())
     resp = redirect(_safe_next(request.form.get("next"), role))
     auth.set_session_cookie(resp, sid, st.cfg.session_hours * 3600)
