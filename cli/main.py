@@ -195,6 +195,10 @@ def _print_calls(calls: list[dict[str, Any]]) -> None:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     name = urllib.parse.quote(args.name)
+    if args.all_boards:  # several boards: every board's calls, labelled (docs/cluster.md)
+        from cli.queue_cmds import print_board_calls
+
+        return print_board_calls(args, _api(args, "GET", f"/admin/cluster/calls?function={name}&limit={args.n}"))
     doc = _api(args, "GET", f"/admin/functions/{name}/calls?limit={args.n}")
     calls = list(reversed(doc["calls"]))
     _print_calls(calls)
@@ -341,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("-n", type=int, default=20)
     p.add_argument("--follow", action="store_true")
+    p.add_argument("--all-boards", action="store_true", help="the calls of every board (several boards)")
     p.set_defaults(fn=cmd_logs)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = sub.add_parser("check", help="validate the profiles folder and print every function's limits")
