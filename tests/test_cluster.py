@@ -223,6 +223,29 @@ def test_a_deploy_or_rollback_on_one_board_is_served_by_every_board(cluster):
     wait_for(lambda: all(b.get("/function/fresh").status_code == 404 for b in cluster.boards), 10, "deleted")
 
 
+def test_history_of_every_board_in_one_place(cluster):
+    """`fnbox logs --all-boards` (GET /admin/cluster/calls): sync calls made on each board, labelled."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    rids = {}
+    for b in cluster.boards:
+        r = b.get("/function/echo")
+        assert r.status_code == 200
+        rids[r.headers["X-Request-Id"]] = b.env["FNBOX_BOARD"]
+    doc = cluster.boards[0].get("/admin/cluster/calls?function=echo&limit=1000", headers=AUTH).json()
+    seen = {c["request_id"]: c["board"] for c in doc["calls"] if c["request_id"] in rids}
+    assert seen == rids and doc["unreachable"] == []
+    out = subprocess.run([os.path.join(REPO, ".venv", "bin", "fnbox"), "--url", cluster.boards[1].url, "logs", "echo",
+                          "--all-boards", "-n", "1000"], env=dict(os.environ, FNBOX_ADMIN_TOKEN=TOKEN),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    for rid, board in rids.items():
+        line = next(line for line in out.stdout.splitlines() if rid in line)
+        assert f" {board} " in line and " sync " in line
+
+
 @pytest.mark.timeout(120)
 def test_kill_9_of_a_board_under_load_loses_no_accepted_call(cluster):
     victim = cluster.boards[2]
