@@ -28,7 +28,7 @@ def _child(w: int, steps: list[tuple[str, object]]) -> None:
             fn()
             out.append(f"{name}={time.perf_counter() - t0},{time.thread_time() - c0}")
     finally:
-        os.write(w, (" ".join(out) + "\n").encode())
+        os.write(w, ("|".join(out) + "\n").encode())
         os._exit(0)
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
                 pid = os.fork()
                 if pid == 0:
                     _child(w, steps)
-                line = os.read(r, 4096).decode().split()
+                line = [x for x in os.read(r, 4096).decode().strip().split("|") if x]
                 t0 = time.perf_counter()
                 os.waitpid(pid, 0)
                 exits[kind].append(time.perf_counter() - t0)

@@ -295,7 +295,7 @@ def function_sources(functions_dir: str, name: str) -> list[tuple[str, str]]:
         if entry == "__init__.py" or entry in (name, name + ".py") or (
                 entry.startswith("_") and not entry.startswith("__") and
                 (entry.endswith(".py") or entry[1:].isidentifier())):
-            out.append((os.path.realpath(os.path.join(functions_dir, entry)), entry))
+            out.append((os.path.join(functions_dir, entry), entry))  # clone_sources() follows a symlink
     return out
 
 
