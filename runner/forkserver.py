@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from runner import outcomes
+from runner import fsview, outcomes
 from runner.config import Settings
 from runner.profiles import Profile
 from runner.protocol import SPAWN_FDS, recv_msg, send_msg
@@ -283,6 +283,8 @@ class ForkServer:
                 from runner import child
 
                 child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
+                if slot.mntns is not None:  # and those of entering the file system view
+                    fsview.prewarm(self.settings.functions_dir)
                 assignment, fds = recv_msg(theirs, SPAWN_FDS)
                 if assignment is None or len(fds) != SPAWN_FDS:
                     code = 0  # the fork server is shutting down (or gone)
