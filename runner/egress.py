@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 
 class EgressError(RuntimeError):
@@ -51,10 +52,11 @@ table inet {name} {{
 """
 
 
-def _nft(script: str) -> None:
+def _nft(script: str, check_only: bool = False) -> None:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     try:
-        out = subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=10)
+        out = subprocess.run([nft, *(["-c"] if check_only else []), "-f", "-"], input=script, capture_output=True,
+                             text=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as e:
         raise EgressError(f"cannot run nft: {e}") from None
     if out.returncode != 0:
@@ -63,6 +65,18 @@ def _nft(script: str) -> None:
 
 def install(uid_base: int, slots: int) -> None:
     _nft(ruleset(uid_base, slots))
+
+
+def check(uid_base: int, slots: int) -> None:
+    """Raises EgressError unless the kernel would accept the table (nft -c: nothing is changed)."""
+    _nft(ruleset(uid_base, slots), check_only=True)
+
+
+def install_or_warn(uid_base: int, slots: int) -> None:
+    try:
+        install(uid_base, slots)
+    except EgressError as e:
+        print(f"fnbox: WARNING: network=true calls can reach the host: {e}", file=sys.stderr)
 
 
 def installed(uid_base: int) -> bool:
