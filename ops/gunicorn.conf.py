@@ -79,6 +79,14 @@ def on_exit(server):
     import shutil
 
     shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+    if os.geteuid() == 0:  # the egress table of our sandbox uids (runner/egress.py) goes with the server
+        from runner import egress
+        from runner.config import ConfigError, Settings
+
+        try:
+            egress.remove(Settings.from_env().uid_base)
+        except ConfigError:
+            pass
 
 
 def on_starting(server):

@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import psutil
 
-from runner import outcomes
+from runner import fsview, outcomes
 from runner.config import Settings
 from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
@@ -322,6 +322,8 @@ class ForkServer:
             from runner import child
 
             child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
+            if slot.mntns is not None:  # and those of entering the file system view
+                fsview.prewarm(self.settings.functions_dir)
             assignment, fds = recv_msg(theirs, SPAWN_FDS)
             if assignment is None or len(fds) != SPAWN_FDS:
                 return ExitCode.OK  # the fork server is shutting down (or gone)
