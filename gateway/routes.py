@@ -128,6 +128,7 @@ def healthz() -> tuple[Response, int]:
         "max_calls": rt.limiter.max_calls,
         "sandbox": rt.supervisor.layers,
         "profiles_error": rt.profiles.error,
+        "preload": rt.supervisor.preload.report(),  # module -> ok, pending or failed: why (runner/preload.py)
         "error": None if pong else (rt.supervisor.last_error or "the fork server does not answer"),
         "worker_pid": os.getpid(),
     }

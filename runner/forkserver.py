@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from runner import outcomes
+from runner import outcomes, preload
 from runner.config import Settings
 from runner.profiles import Profile
 from runner.protocol import SPAWN_FDS, recv_msg, send_msg
@@ -174,6 +174,8 @@ class ForkServer:
                     self._kill(call, msg.get("outcome", outcomes.CRASHED), msg.get("message", "killed by the gateway"))
             elif msg.get("op") == "ping":
                 self._send({"op": "pong", "id": msg.get("id"), "calls": len(self.calls)})
+            elif msg.get("op") == "preload":  # performance hook: runner/preload.py
+                preload.handle(self, msg)
         finally:
             for fd in fds:  # the child has its own copies; ours must not keep the pipes open
                 os.close(fd)

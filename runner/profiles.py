@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from runner.preload import preload_names
+
 DEFAULT_FILE = "default.toml"
 FUNCTIONS_FILE = "functions.toml"
 
@@ -50,17 +52,23 @@ class Profile:
     max_concurrency: int = 8  # calls of this function in flight; more is 503 busy
     traceback: bool = False  # include the traceback in function_error bodies
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Performance (runner/preload.py, runner/instances.py; docs/operators.md and docs/functions.md).
+    preload: tuple[str, ...] = ()  # installed modules the fork server imports before forking this profile's calls
+    reuse_calls: int = 1  # calls one warm process may serve (1: a fresh process per call)
+    idle_s: float = 60.0  # a warm process with no call for this long is ended
     profile: str = "default"  # which named profile this came from (informational)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["env"] = dict(self.env)
+        d["preload"] = list(self.preload)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Profile:
         d = dict(d)
         d["env"] = MappingProxyType(dict(d.get("env", {})))
+        d["preload"] = tuple(d.get("preload", ()))
         return cls(**d)
 
 
@@ -75,9 +83,11 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "max_response_kb": ((int,), 0),
     "max_log_kb": ((int,), 0),
     "max_concurrency": ((int,), 1),
+    "reuse_calls": ((int,), 1),
+    "idle_s": ((int, float), 0.001),
 }
 _BOOLS = ("network", "traceback")
-PROFILE_KEYS = frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env"}
+PROFILE_KEYS = frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "preload"}
 # Environment variables the sandbox always sets itself; a profile may not override them.
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "PWD"})
 
@@ -96,6 +106,11 @@ def _check_value(path: str, key: str, value: Any) -> Any:
             if k in RESERVED_ENV or "=" in k or not k:
                 raise ProfileError(path, f"env.{k}", "is reserved or not a valid variable name")
         return MappingProxyType(dict(value))
+    if key == "preload":
+        try:
+            return preload_names(value)
+        except ValueError as e:
+            raise ProfileError(path, key, str(e)) from None
     types, minimum = _NUMERIC[key]
     if isinstance(value, bool) or not isinstance(value, types):
         kind = "an integer" if types == (int,) else "a number"
