@@ -24,6 +24,7 @@ from typing import Any
 
 from runner import outcomes
 from runner.config import REPO_ROOT, Settings
+from runner.instances import profile_digest
 from runner.preload import PreloadTracker
 from runner.profiles import Profile
 from runner.protocol import MAX_HEADER, ProtocolError, encode_frame, recv_msg, send_msg, split_frame
@@ -312,6 +313,8 @@ class Supervisor:
             waiter = fs.register(call_id)
             msg = {"op": "spawn", "id": call_id, "function": inv.function, "functions_dir": inv.functions_dir,
                    "profile": inv.profile.to_dict(), "request_id": inv.request_id}
+            if inv.profile.reuse_calls > 1:  # performance hook: warm instances key on the whole profile
+                msg["profile_key"] = profile_digest(inv.profile)
             try:
                 fs.send(msg, [stdin_r, out_w, res_w])
             except OSError:
