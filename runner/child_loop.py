@@ -150,10 +150,11 @@ def serve(functions_dir: str, name: str, max_response_kb: int, reuse_calls: int,
                 except BaseException:
                     pass
             write_all(CHILD_RESULT_FD, data)
-            _release(devnull)  # the call's pipes are closed: the gateway sees EOF, the answer is complete
             if not ok or served >= reuse_calls:
                 break  # exit: the fork server reaps us and ends the call as it ends a fresh one
+            # Reported before the pipes close, so the fork server knows before the caller can send another call.
             send_msg(ctl, {"op": "done"})
+            _release(devnull)  # the call's pipes are closed: the gateway sees EOF, the answer is complete
     except BaseException:
         code = 70
     os._exit(code)

@@ -26,6 +26,7 @@ import hmac
 import json
 import os
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -67,13 +68,18 @@ def version_key(functions_dir: str, name: str) -> tuple:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc (no psutil object per call)."""
+    """CPU seconds of one process, all its threads (/proc/<pid>/stat, in clock ticks of 10 ms), or its main
+    thread's run time in ns (/proc/<pid>/schedstat) when that is more: a short call shows up in the latter only."""
+    ticks = run_ns = 0
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        ticks = int(fields[11]) + int(fields[12])
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            run_ns = int(f.read().split()[0])
     except (OSError, IndexError, ValueError):
-        return 0.0
+        pass
+    return max(ticks / _CLK_TCK, run_ns / 1e9)
 
 
 @dataclass
@@ -107,6 +113,7 @@ class InstancePool:
         """Runs the spawn message's call in an idle instance of its key, or in a new one."""
         name, fdir = msg["function"], msg["functions_dir"]
         key = (name, version_key(fdir, name), msg.get("profile_key") or json.dumps(msg["profile"], sort_keys=True))
+        self._collect(name)
         self._retire_stale(name, key)
         while self.idle.get(key):
             inst = self.idle[key].pop()
@@ -118,6 +125,14 @@ class InstancePool:
             if self._assign(inst, msg["id"], fds):
                 return
         self._start(key, msg, fds, profile)
+
+    def _collect(self, name: str) -> None:
+        """Handles the "done" reports of this function's busy instances that are already in their sockets. An
+        instance reports before it closes the call's pipes, so a caller's next call never finds it still busy."""
+        socks = [i.sock for i in self.by_pid.values() if i.busy and i.function == name]
+        if socks:
+            for sock in select.select(socks, [], [], 0)[0]:
+                self.on_message(sock)
 
     def _assign(self, inst: Instance, call_id: int, fds: list[int]) -> bool:
         srv = self.server
