@@ -86,7 +86,10 @@ def run_one(warm: _Warm, max_response_kb: int) -> dict[str, Any] | tuple[dict[st
 
 def _take_call(ctl: socket.socket) -> bool:
     """Waits for the next call's pipes and makes them fds 0-3; False when the fork server is done with us."""
+    ctl.setblocking(True)
     msg, fds = recv_msg(ctl, SPAWN_FDS)
+    # The function can reach this socket (fd 4): non-blocking while it runs, so that reading it cannot hang.
+    ctl.setblocking(False)
     if msg is None or len(fds) != SPAWN_FDS:
         return False
     stdin_r, out_w, result_w = fds

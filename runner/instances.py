@@ -212,6 +212,10 @@ class InstancePool:
             msg, fds = recv_msg(sock, 1)
         except OSError:
             msg, fds = None, []
+        except ValueError:  # not JSON: the function wrote to the instance's socket. Never trusted again.
+            msg, fds = {"op": "garbage"}, []
+        if not isinstance(msg, dict) and msg is not None:
+            msg = {"op": "garbage"}
         for fd in fds:
             os.close(fd)
         if inst is None:
@@ -222,7 +226,10 @@ class InstancePool:
         srv = self.server
         call = srv.calls.get(inst.pid)
         if msg.get("op") != "done" or call is None or not inst.busy or call.killed is not None:
-            return  # not in a call (a forged message), or already being killed: the reaping ends it
+            # Anything but a "done" for the call in flight was forged by the function: the call goes on under its
+            # limits, but the instance serves no other call.
+            inst.profile = dataclasses.replace(inst.profile, reuse_calls=0)
+            return
         srv.calls.pop(inst.pid, None)
         srv.by_id.pop(call.id, None)
         inst.busy = False
