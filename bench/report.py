@@ -143,7 +143,7 @@ def throughput_table(rows: dict[tuple[str, str], Row], servers: Sequence[str]) -
             if row is None:
                 continue
             ratios = ["", "", ""]
-            if name in ("fnbox", "floor"):
+            if name in ("fnbox", "floor", "fnbox-opt"):
                 for i, base in enumerate(("seed", "floor", "spawn")):
                     other = rows.get((sc.key, base))
                     if base != name:
@@ -212,6 +212,22 @@ def target_checks(rows: dict[tuple[str, str], Row], mem: dict[str, MemoryRow]) -
         checks.append(Check(name, f.p50_ms <= fl.p50_ms, f"{f.p50_ms:.2f} ms vs {fl.p50_ms:.2f} ms"))
     else:
         checks.append(Check(name, None, "needs fnbox and floor latencies"))
+
+    f, o = get("webhook@8", "fnbox"), get("webhook@8", "fnbox-opt")
+    name = "webhook@8: preloaded (fnbox-opt) req/s >= 10 x fresh (fnbox)"
+    if f and o and f.rps > 0:
+        checks.append(Check(name, o.rps >= 10 * f.rps and o.errors == 0,
+                            f"{o.rps:,.1f} vs {f.rps:,.1f} ({o.rps / f.rps:.1f}x), {o.errors} errors"))
+    else:
+        checks.append(Check(name, None, "needs fnbox and fnbox-opt"))
+
+    o, s = get("hello@8", "fnbox-opt"), get("hello@8", "seed")
+    name = "hello@8: warm instances (fnbox-opt, reuse_calls = 1000) req/s >= 0.5 x seed"
+    if o and s:
+        checks.append(Check(name, o.rps >= 0.5 * s.rps and o.errors == 0,
+                            f"{o.rps:,.0f} vs {s.rps:,.0f} ({o.rps / s.rps:.2f}x), {o.errors} errors"))
+    else:
+        checks.append(Check(name, None, "needs seed and fnbox-opt"))
 
     f = get("sleep100@32", "fnbox")
     name = "sleep100@32: fnbox >= 250 calls/s and zero errors"
@@ -305,8 +321,11 @@ def render(
         "",
         "Scenarios: `hello@1` and `hello@8` GET /function/hello with 1 and 8 connections; `echo64k@8` POSTs",
         "a 64 KB JSON body to a JSON echo function with 8 connections; `sleep100@32` calls a function that",
-        "sleeps 100 ms with 32 connections. Medians over rounds; errors are summed over rounds (socket",
-        "errors, timeouts, HTTP statuses >= 400). A call slower than the timeout is an error, not a latency.",
+        "sleeps 100 ms with 32 connections; `webhook@8` calls a function that imports `requests` at the top",
+        "and prepares a POST with it. `fnbox-opt` is fnbox with the two opt-in modes: `hello` with",
+        "`reuse_calls = 1000` (warm instances) and `webhook` with `preload = [\"requests\"]`; it runs only",
+        "those scenarios. Medians over rounds; errors are summed over rounds (socket errors, timeouts, HTTP",
+        "statuses >= 400). A call slower than the timeout is an error, not a latency.",
         "",
         throughput_table(rows, servers),
         "",

@@ -195,6 +195,7 @@ class InstancePool:
             finally:
                 os._exit(code)
         theirs.close()
+        ours.setblocking(False)  # the fork server never waits on an instance
         inst = Instance(pid, ours, key, msg["function"], slot, scratch, litter, profile)
         self.by_pid[pid] = inst
         srv.sel.register(ours, selectors.EVENT_READ, "instance")
@@ -210,6 +211,8 @@ class InstancePool:
         inst = next((i for i in self.by_pid.values() if i.sock is sock), None)
         try:
             msg, fds = recv_msg(sock, 1)
+        except BlockingIOError:  # a stale event: _collect() already took this report
+            return
         except OSError:
             msg, fds = None, []
         except ValueError:  # not JSON: the function wrote to the instance's socket. Never trusted again.

@@ -233,3 +233,15 @@ def test_an_instance_serves_at_most_reuse_calls(make_server):
     docs = [call(s) for _ in range(7)]
     assert [d["calls"] for d in docs] == [1, 2, 3, 1, 2, 3, 1]
     assert len({d["pid"] for d in docs}) == 3
+
+
+def test_concurrent_calls_on_two_workers_all_answer_from_few_processes(make_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = make_server(functions={"count": counter()}, workers=2, threads=16,
+                    profiles={"functions.toml": "[count]\nreuse_calls = 1000\n"}).start()
+    with ThreadPoolExecutor(8) as pool:
+        docs = list(pool.map(lambda _: call(s), range(80)))
+    pids = {d["pid"] for d in docs}
+    assert len(pids) <= 16, len(pids)  # at most one instance per call in flight per worker, kept warm
+    assert max(d["calls"] for d in docs) >= 5  # and reused
