@@ -129,7 +129,7 @@ class InstancePool:
     def _collect(self, name: str) -> None:
         """Handles the "done" reports of this function's busy instances that are already in their sockets. An
         instance reports before it closes the call's pipes, so a caller's next call never finds it still busy."""
-        socks = [i.sock for i in self.by_pid.values() if i.busy and i.function == name]
+        socks = [i.sock for i in self.by_pid.values() if i.busy and i.function == name and i.sock.fileno() >= 0]
         if socks:
             for sock in select.select(socks, [], [], 0)[0]:
                 self.on_message(sock)
