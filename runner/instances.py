@@ -39,6 +39,7 @@ from runner.profiles import Profile
 from runner.protocol import recv_msg, send_msg
 from runner.sandbox import Slot, enter, make_scratch
 
+CPU_CHECK_INTERVAL = 0.02  # as the fork server's memory polling
 IDLE_CPU_SLACK = 0.05  # seconds of CPU an idle instance may show (its exit from the last call) and stay trusted
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _KEY = secrets.token_bytes(32)  # per gateway worker: profile digests cannot be compared across processes
@@ -107,6 +108,7 @@ class InstancePool:
         self.server = server
         self.by_pid: dict[int, Instance] = {}
         self.idle: dict[tuple, list[Instance]] = {}
+        self._cpu_checked = 0.0
 
     # -- a call ------------------------------------------------------------------------------------------------
     def spawn(self, msg: dict[str, Any], fds: list[int], profile: Profile) -> None:
@@ -253,14 +255,21 @@ class InstancePool:
     def _alone(self, inst: Instance) -> bool:
         """Whether the instance's slot holds just its one single-threaded process: a call's helpers (children,
         threads, daemons) end with that call."""
+        cg = inst.slot.cgroup
+        if cg is not None and cg.pids:
+            try:  # one read: the pids controller counts every task (thread) of the slot
+                with open(os.path.join(cg.pids, "pids.current"), "rb") as f:
+                    return int(f.read()) == 1
+            except (OSError, ValueError):
+                return False
         try:
             threads = len(os.listdir(f"/proc/{inst.pid}/task"))
         except OSError:
             return False
         if threads != 1:
             return False
-        if inst.slot.cgroup is not None:
-            return inst.slot.cgroup.procs() == [inst.pid]
+        if cg is not None:
+            return cg.procs() == [inst.pid]
         try:
             with open(f"/proc/{inst.pid}/task/{inst.pid}/children") as f:
                 return not f.read().split()
@@ -318,6 +327,10 @@ class InstancePool:
     def check_cpu(self) -> None:
         """Each warm call's own CPU (the instance's RLIMIT_CPU covers its whole life; the soft limit it sets per
         call is only a courtesy, since the function could raise it): over `cpu_s` ends the call and the instance."""
+        now = time.monotonic()
+        if now - self._cpu_checked < CPU_CHECK_INTERVAL:
+            return
+        self._cpu_checked = now
         srv = self.server
         for inst in list(self.by_pid.values()):
             call = srv.calls.get(inst.pid) if inst.busy else None
