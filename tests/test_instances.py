@@ -219,10 +219,10 @@ def test_an_env_edit_starts_a_new_instance(srv):
 
 def test_an_idle_instance_ends_after_idle_s(make_server):
     s = make_server(functions={"count": counter()}, workers=1,
-                    profiles={"functions.toml": "[count]\nreuse_calls = 50\nidle_s = 0.3\n"}).start()
+                    profiles={"functions.toml": "[count]\nreuse_calls = 50\nidle_s = 2\n"}).start()
     first = call(s)
-    assert call(s)["calls"] == 2
-    assert gone(first["pid"])  # no call for idle_s: the fork server ends it by itself
+    assert call(s)["calls"] == 2  # (within 2 s of the first, even on a loaded machine)
+    assert gone(first["pid"], timeout=20)  # no call for idle_s: the fork server ends it by itself
     doc = call(s)
     assert doc["calls"] == 1 and doc["pid"] != first["pid"], doc
 

@@ -54,7 +54,7 @@ def functions_toml() -> str:
         limits = {**ATTACK_LIMITS, **REUSE, **extra}
         return "\n".join([f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in limits.items())])
 
-    tables = [table("probe", {}), table("whoami", {}), table("sleeper", {"timeout_s": 10}),
+    tables = [table("probe", {}), table("whoami", {"idle_s": 60}), table("sleeper", {"timeout_s": 10}),
               *(table(a.name, a.limits) for a in ATTACKS)]
     tables.append('[environ_hunt.env]\nFNBOX_TEST_VAR = "visible"')
     return "\n\n".join(tables) + "\n"
