@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from runner.preload import preload_names
+
 DEFAULT_FILE = "default.toml"
 FUNCTIONS_FILE = "functions.toml"
 
@@ -52,6 +54,10 @@ class Profile:
     traceback: bool = False  # include the (user-frames) traceback in function_error bodies
     entry_point: str = "main"  # the module's function a call runs, as Cloud Functions' --entry-point
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Performance (runner/preload.py, runner/instances.py; docs/operators.md and docs/functions.md).
+    preload: tuple[str, ...] = ()  # installed modules the fork server imports before forking this profile's calls
+    reuse_calls: int = 1  # calls one warm process may serve (1: a fresh process per call)
+    idle_s: float = 60.0  # a warm process with no call for this long is ended
     profile: str = "default"  # which named profile this came from (informational)
     # Queued calls (async and scheduled, see docs/cluster.md): attempts after the first, for calls ending in
     # timeout/crashed/memory_limit/unavailable, the n-th retry waiting retry_backoff_s * 2**(n-1) seconds.
@@ -66,12 +72,14 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["env"] = dict(self.env)
+        d["preload"] = list(self.preload)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Profile:
         d = dict(d)
         d["env"] = MappingProxyType(dict(d.get("env", {})))
+        d["preload"] = tuple(d.get("preload", ()))
         return cls(**d)
 
 
@@ -89,11 +97,13 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "max_concurrency": ((int,), 1),
     "retries": ((int,), 0),
     "retry_backoff_s": ((int, float), 0),
+    "reuse_calls": ((int,), 1),
+    "idle_s": ((int, float), 0.001),
 }
 _BOOLS = ("network", "traceback", "catch_up")
 # Keys that describe when a function runs, not how: only in a function's own table of functions.toml.
 SCHEDULE_KEYS = frozenset({"schedule", "every", "timezone", "catch_up"})
-PROFILE_KEYS = (frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point"}) - SCHEDULE_KEYS
+PROFILE_KEYS = (frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point", "preload"}) - SCHEDULE_KEYS
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
 
@@ -162,6 +172,11 @@ def _check_value(path: str, key: str, value: Any) -> Any:
             if k in RESERVED_ENV or "=" in k or not k:
                 raise ProfileError(path, f"env.{k}", "is reserved or not a valid variable name")
         return MappingProxyType(dict(value))
+    if key == "preload":
+        try:
+            return preload_names(value)
+        except ValueError as e:
+            raise ProfileError(path, key, str(e)) from None
     types, minimum = _NUMERIC[key]
     if isinstance(value, bool) or not isinstance(value, types):
         kind = "an integer" if types == (int,) else "a number"
