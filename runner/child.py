@@ -230,8 +230,8 @@ def _serialize(resp: flask.Response, max_body: int) -> tuple[dict[str, Any], byt
     return {"kind": "response", "status": resp.status, "headers": headers}, b"".join(chunks)
 
 
-def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
-    global _main
+def read_request() -> dict[str, Any]:
+    """The call's request from stdin: its WSGI environ, and the function's [env] added to os.environ."""
     header, body = read_frame(0)
     # The profile's [env] comes from the gateway with the request, never through the fork server (see
     # runner.supervisor): the sandbox gave this process a minimal environment, the function's own is added here.
@@ -247,9 +247,14 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
         "wsgi.input_terminated": True,
         "fnbox.request_id": header.get("request_id"),
     })
+    return environ
+
+
+def import_function(functions_dir: str, name: str, profile: Profile) -> types.ModuleType | dict[str, Any]:
+    """The function's module, or the error frame that says why it cannot be imported."""
     deps.activate()
     try:
-        module = _load(functions_dir, name)
+        return _load(functions_dir, name)
     except ModuleNotFoundError as e:
         if e.name in (f"{PACKAGE}.{name}", PACKAGE):
             return _error(outcomes.NOT_FOUND, message=f"no function named {name!r}")
@@ -258,6 +263,12 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached while importing the function")
     except BaseException as e:
         return _failure(e, profile.network)
+
+
+def dispatch(module: types.ModuleType, functions_dir: str, name: str, profile: Profile,
+             environ: dict[str, Any]) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    """Runs the module's entry point on the request through Flask; the result frame (header, body)."""
+    global _main
     _main = entry_point(module, profile.entry_point)
     if _main is None:
         where = "" if profile.entry_point == "main" else " (the entry_point of its profile)"
@@ -275,6 +286,14 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached (MemoryError)")
     except BaseException as e:
         return _failure(e, profile.network)
+
+
+def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    environ = read_request()
+    module = import_function(functions_dir, name, profile)
+    if isinstance(module, dict):
+        return module
+    return dispatch(module, functions_dir, name, profile, environ)
 
 
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")

@@ -32,7 +32,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from runner import outcomes
 from runner.profiles import Profile
@@ -173,29 +173,19 @@ class InstancePool:
             return
         litter = srv.slots.litter_stamp()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # the instance: never returns
-            code = 71
-            try:
-                srv._child_signals()
-                srv.sock.close()
-                ours.close()
-                # The control socket stands in for the call's pipes while the sandbox is entered; the serve loop
-                # moves it to fd 4 and takes each call's pipes from it (the first call's too).
-                ctl = theirs.fileno()
-                lifetime = dataclasses.replace(profile, cpu_s=lifetime_cpu(profile))
-                enter(lifetime, slot, scratch, [ctl, ctl, ctl], srv.data_base, srv.layers)
-                from runner import child_loop
+        def run_instance() -> NoReturn:
+            ours.close()
+            # The control socket stands in for the call's pipes while the sandbox is entered; the serve loop
+            # moves it to fd 4 and takes each call's pipes from it (the first call's too).
+            ctl = theirs.fileno()
+            lifetime = dataclasses.replace(profile, cpu_s=lifetime_cpu(profile))
+            enter(lifetime, slot, scratch, [ctl, ctl, ctl], srv.data_base, srv.layers, msg["functions_dir"],
+                  msg["function"])
+            from runner import child_loop
 
-                child_loop.serve(msg["functions_dir"], msg["function"], profile.max_response_kb, profile.reuse_calls,
-                                 profile.cpu_s)
-            except BaseException as e:
-                try:
-                    os.write(2, f"fnbox: warm instance sandbox failed: {e!r}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
+            child_loop.serve(msg["functions_dir"], msg["function"], profile)
+
+        pid = srv._fork(run_instance, "warm instance sandbox")
         theirs.close()
         ours.setblocking(False)  # the fork server never waits on an instance
         inst = Instance(pid, ours, key, msg["function"], slot, scratch, litter, profile)
