@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from runner import outcomes
+# Imported here, in the fork server: a call's file system view shows no project file to import later.
+from runner import child_loop, outcomes
 from runner.profiles import Profile
 from runner.protocol import recv_msg, send_msg
 from runner.sandbox import Slot, enter, make_scratch
@@ -156,7 +157,7 @@ class InstancePool:
     def _start(self, key: tuple, msg: dict[str, Any], fds: list[int], profile: Profile) -> None:
         srv = self.server
         call_id = msg["id"]
-        slot = srv.slots.acquire(srv._reap)
+        slot = srv.slots.acquire()
         if slot is None:
             srv._send({"op": "exit", "id": call_id, "outcome": outcomes.BUSY,
                        "message": "every sandbox slot of this machine is in use"})
@@ -181,8 +182,6 @@ class InstancePool:
             lifetime = dataclasses.replace(profile, cpu_s=lifetime_cpu(profile))
             enter(lifetime, slot, scratch, [ctl, ctl, ctl], srv.data_base, srv.layers, msg["functions_dir"],
                   msg["function"])
-            from runner import child_loop
-
             child_loop.serve(msg["functions_dir"], msg["function"], profile)
 
         pid = srv._fork(run_instance, "warm instance sandbox")
