@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     cg = os.path.join(cpu_base, "bench-layer-costs") if cpu_base else None
     if cg:
         os.makedirs(cg, exist_ok=True)
-    spec = fsview.ViewSpec(functions_dir=fdir, ro_trees=fsview.runtime_trees(data), uid=61999, gid=61999)
+    spec = fsview.ViewSpec(functions_dir=fdir, ro_trees=fsview.runtime_trees(data), uid_base=61999, slots=1)
     t0 = time.perf_counter()
     ns = fsview.build(spec, staging)
     build_ms = (time.perf_counter() - t0) * 1000

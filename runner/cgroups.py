@@ -66,14 +66,19 @@ def v1_base(controller: str) -> str | None:
     return base if os.access(base, os.W_OK) else None
 
 
+def slot_dir(base: str, index: int) -> str:
+    """The folder of slot `index` below a controller's fnbox base."""
+    return os.path.join(base, f"slot-{index}")
+
+
 class SlotCgroup:
     """The v1 memory + pids cgroups of one sandbox slot."""
 
     def __init__(self, memory_base: str, pids_base: str | None, index: int, cpuacct_base: str | None = None) -> None:
-        self.mem = os.path.join(memory_base, f"slot-{index}")
-        self.pids = os.path.join(pids_base, f"slot-{index}") if pids_base else None
+        self.mem = slot_dir(memory_base, index)
+        self.pids = slot_dir(pids_base, index) if pids_base else None
         # cpuacct: the CPU time of every process of the call, whatever forked it (RLIMIT_CPU is per process).
-        self.cpu = os.path.join(cpuacct_base, f"slot-{index}") if cpuacct_base else None
+        self.cpu = slot_dir(cpuacct_base, index) if cpuacct_base else None
         for d in filter(None, (self.mem, self.pids, self.cpu)):
             os.makedirs(d, exist_ok=True)
         self._limits: tuple[int, int] | None = None

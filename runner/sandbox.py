@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import psutil
 
 from runner import egress, fsview, syscalls
-from runner.cgroups import SlotCgroup, v1_base
+from runner.cgroups import SlotCgroup, slot_dir, v1_base
 from runner.config import Settings
 from runner.profiles import Profile
 
@@ -168,16 +168,19 @@ def probe_layers(settings: Settings) -> Layers:
                   egress_error=out_error)
 
 
-def view_spec(settings: Settings, uid: int, cgroup_dirs: tuple[str, ...] = ()) -> fsview.ViewSpec:
+def view_spec(settings: Settings) -> fsview.ViewSpec:
+    bases = [b for b in (v1_base("memory"), v1_base("pids"), v1_base("cpuacct")) if b] if os.geteuid() == 0 else []
     return fsview.ViewSpec(functions_dir=os.path.realpath(settings.functions_dir),
-                           ro_trees=fsview.runtime_trees(settings.data_dir), uid=uid, gid=uid,
-                           cgroup_dirs=cgroup_dirs, shared_dirs=settings.shared_dirs)
+                           ro_trees=fsview.runtime_trees(settings.data_dir), uid_base=settings.uid_base,
+                           slots=settings.slots,
+                           cgroup_dirs=tuple(slot_dir(b, i) for b in bases for i in range(settings.slots)),
+                           shared_dirs=settings.shared_dirs)
 
 
 def _probe_view(settings: Settings) -> tuple[bool, str]:
     """Builds one real skeleton (a few ms, once per fork server): the layer is active only if that works."""
     try:
-        fd = fsview.build(view_spec(settings, settings.uid_base), os.path.join(settings.state_dir, "view"))
+        fd = fsview.build(view_spec(settings), os.path.join(settings.state_dir, "view"))
     except OSError as e:
         return False, str(e)
     os.close(fd)
@@ -224,7 +227,7 @@ class SlotPool:
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
         # With a file system view, a call writes only to its own tmpfs: there is no host folder to sweep.
         self.litter_dirs = _litter_dirs() if layers.root and not layers.fsview else []
-        self._mntns_fds: dict[int, int] = {}
+        self._mntns_fd: int | None = None
         self.seccomp = syscalls.compile_program() if layers.seccomp else None  # compiled once, loaded per call
         if layers.egress:
             egress.install_or_warn(settings.uid_base, settings.slots)
@@ -423,25 +426,24 @@ class SlotPool:
         return fd
 
     def _mntns(self, i: int, cg: SlotCgroup | None) -> int | None:
-        """The slot's file system view skeleton (runner.fsview), built once and entered by each of its calls."""
+        """The file system view skeleton (runner.fsview): built once per fork server, when a slot is first
+        claimed, and entered by every call."""
         if not self.layers.fsview or not self.layers.root:
             return None
-        fd = self._mntns_fds.get(i)
-        if fd is None:
-            spec = view_spec(self.settings, self.settings.uid_base + i, cg.dirs() if cg is not None else ())
-            fd = self._mntns_fds[i] = fsview.build(spec, os.path.join(self.settings.state_dir, "view"))
-        return fd
+        if self._mntns_fd is None:
+            self._mntns_fd = fsview.build(view_spec(self.settings), os.path.join(self.settings.state_dir, "view"))
+        return self._mntns_fd
 
     def release(self, slot: Slot) -> None:
         fcntl.flock(slot.lock_fd, fcntl.LOCK_UN)
         self._held.discard(slot.index)
 
     def close(self) -> None:
-        for fd in (*self._fds.values(), *self._netns_fds.values(), *self._mntns_fds.values()):
+        for fd in (*self._fds.values(), *self._netns_fds.values(), *filter(None, [self._mntns_fd])):
             os.close(fd)
         self._fds.clear()
         self._netns_fds.clear()
-        self._mntns_fds.clear()
+        self._mntns_fd = None
 
 
 def _litter_dirs() -> list[str]:
@@ -553,6 +555,7 @@ def _close_fds_except(keep: list[int]) -> None:
 
 
 _parent = 0  # the fork server's pid, seen by prepare(): assign() checks that it still lives
+_cgroup_trees: list[tuple[int, str]] = []  # the slot's cgroup folders, cloned by prepare() for assign()
 
 
 def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: list[int]) -> None:
@@ -581,7 +584,10 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
         unshare(flags)
     # By fd: the fork server renames a spare's scratch dir when it hands it a call, maybe before we get here.
     os.fchdir(scratch_fd)
-    _close_fds_except([*keep, *([slot.mntns] if slot.mntns is not None else [])])
+    global _cgroup_trees
+    if slot.mntns is not None and slot.cgroup is not None:  # bound into the view by assign()
+        _cgroup_trees = fsview.cgroup_trees(slot.cgroup.dirs())
+    _close_fds_except([*keep, *([slot.mntns] if slot.mntns is not None else []), *(t for t, _ in _cgroup_trees)])
     sys.dont_write_bytecode = True
 
 
@@ -612,7 +618,7 @@ def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base
         # Detached copies of exactly this function's files, taken on the host side, then the view.
         sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
         fsview.enter(slot.mntns, os.path.realpath(functions_dir), sources, profile.max_disk_mb,
-                     slot.shared_dirs)
+                     slot.shared_dirs, _cgroup_trees)
         os.close(slot.mntns)
         scratch = fsview.TMP
     _drop_identity(slot)
