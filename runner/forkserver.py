@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import heapq
 import itertools
+import json
 import os
 import resource
 import selectors
@@ -507,7 +508,8 @@ def main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
     # The Supervisor passed only FNBOX_* settings and a minimal PATH/LANG: no secret is in this environment.
-    server = ForkServer(sock, Settings.from_env())
+    view = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}  # the view's settings (runner.supervisor)
+    server = ForkServer(sock, Settings.from_env({**os.environ, **view}))
     server.serve()
 
 

@@ -285,6 +285,26 @@ def build(spec: ViewSpec, staging: str) -> int:
         os.waitpid(pid, 0)
 
 
+class fs_identity:
+    """Host-side reads of the function's files with the call's own file system uid/gid (setfsuid/setfsgid, no
+    supplementary group): they succeed only where the call's uid could read, as without a view. The process
+    keeps its other privileges (CAP_SYS_ADMIN for open_tree) and gets uid 0's file access back afterwards."""
+
+    def __init__(self, uid: int | None, gid: int | None) -> None:
+        self.uid, self.gid = uid, gid
+
+    def __enter__(self) -> None:
+        if self.uid is not None:
+            os.setgroups([])
+            _libc.setfsgid(self.gid)
+            _libc.setfsuid(self.uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.uid is not None:
+            _libc.setfsuid(0)
+            _libc.setfsgid(0)
+
+
 def prewarm(functions_dir: str) -> None:
     """Runs the host-side half of entering a view once, harmlessly, in a spare waiting for its call: the
     copy-on-write faults of this code path (a few hundred microseconds in a fresh fork) are then paid off the

@@ -616,7 +616,8 @@ def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base
     """
     if slot.mntns is not None:
         # Detached copies of exactly this function's files, taken on the host side, then the view.
-        sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
+        with fsview.fs_identity(slot.uid, slot.gid):  # only what the call's uid may read
+            sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
         fsview.enter(slot.mntns, os.path.realpath(functions_dir), sources, profile.max_disk_mb,
                      slot.shared_dirs, _cgroup_trees)
         os.close(slot.mntns)

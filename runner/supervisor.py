@@ -11,6 +11,7 @@ sends their far ends along with the spawn message (SCM_RIGHTS), then talks to th
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import selectors
 import socket
@@ -136,13 +137,13 @@ class _ForkServerProcess:
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         env["FNBOX_SCRATCH_DIR"] = settings.scratch_dir
         env["FNBOX_STATE_DIR"] = settings.state_dir
-        # The file system view is built from these (runner/fsview.py).
-        env["FNBOX_FUNCTIONS_DIR"] = settings.functions_dir
-        env["FNBOX_DATA_DIR"] = settings.data_dir
-        env["FNBOX_SANDBOX_SHARED_DIRS"] = ":".join(settings.shared_dirs)
+        # The file system view is built from these (runner/fsview.py): as an argument, not in the environment
+        # that every call inherits.
+        view = json.dumps({"FNBOX_FUNCTIONS_DIR": settings.functions_dir, "FNBOX_DATA_DIR": settings.data_dir,
+                           "FNBOX_SANDBOX_SHARED_DIRS": ":".join(settings.shared_dirs)})
         try:
             self.proc = subprocess.Popen(
-                [settings.python, "-m", "runner.forkserver", str(child.fileno())],
+                [settings.python, "-m", "runner.forkserver", str(child.fileno()), view],
                 pass_fds=(child.fileno(),), env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                 stdout=sys.stderr, start_new_session=True, close_fds=True,
             )
