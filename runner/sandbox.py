@@ -60,6 +60,10 @@ def unshare(flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+# fnbox uses cgroup v1 controllers (cgroup v2 is not supported yet): what to do when one is missing.
+V1_HINT = (" (needs root and the cgroup v1 controller mounted under /sys/fs/cgroup; on a cgroup v2-only system boot "
+           "with systemd.unified_cgroup_hierarchy=0 on the kernel command line)")
+
 MIN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -102,9 +106,9 @@ class Layers:
                            "not root: calls run as the server's uid (they can signal and read each other "
                            "and the server; RLIMIT_NPROC counts the server's processes too)"),
             "memory_cgroup": st(self.cgroup_memory, "kernel memory limit per call (swap 0), OOM = memory_limit",
-                                "no memory cgroup: only the psutil watchdog and RLIMIT_DATA cap memory"),
+                                "no memory cgroup: only the psutil watchdog and RLIMIT_DATA cap memory" + V1_HINT),
             "pids_cgroup": st(self.cgroup_pids, "pids.max per call caps fork and thread bombs",
-                              "no pids cgroup: only RLIMIT_NPROC caps fork bombs"),
+                              "no pids cgroup: only RLIMIT_NPROC caps fork bombs" + V1_HINT),
             "network_namespace": st(self.netns or self.userns, "network=false calls get an empty netns",
                                     "cannot unshare a network namespace: network=false is NOT enforced"),
             "ipc_namespace": st(self.ipcns, "SysV shared memory, semaphores and message queues and POSIX message "
@@ -138,7 +142,7 @@ class Layers:
                                  "network=true calls can reach every service of the host (127.0.0.1 included): "
                                  + (self.egress_error or "needs root and nft")),
             "cpu_cgroup": st(self.cgroup_cpu, "cpuacct per call: cpu_s counts every process of the call",
-                             "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up"),
+                             "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up" + V1_HINT),
         }
 
 
