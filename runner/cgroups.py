@@ -67,16 +67,21 @@ def v1_base(controller: str, parent: str = "fnbox") -> str | None:
     return base if os.access(base, os.W_OK) else None
 
 
+def slot_dir(base: str, key: int) -> str:
+    """The folder of the slot whose uid is `key` below a controller's fnbox base."""
+    return os.path.join(base, f"slot-{key}")
+
+
 class SlotCgroup:
     """The v1 memory + pids cgroups of one sandbox slot."""
 
     def __init__(self, memory_base: str, pids_base: str | None, key: int, cpuacct_base: str | None = None) -> None:
         # Named by the slot's uid (key), as its lock in the machine-wide registry is: whoever holds the lock
         # owns these cgroups, whatever server it belongs to.
-        self.mem = os.path.join(memory_base, f"slot-{key}")
-        self.pids = os.path.join(pids_base, f"slot-{key}") if pids_base else None
+        self.mem = slot_dir(memory_base, key)
+        self.pids = slot_dir(pids_base, key) if pids_base else None
         # cpuacct: the CPU time of every process of the call, whatever forked it (RLIMIT_CPU is per process).
-        self.cpu = os.path.join(cpuacct_base, f"slot-{key}") if cpuacct_base else None
+        self.cpu = slot_dir(cpuacct_base, key) if cpuacct_base else None
         for d in filter(None, (self.mem, self.pids, self.cpu)):
             os.makedirs(d, exist_ok=True)
         self._limits: tuple[int, int] | None = None

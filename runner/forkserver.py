@@ -136,6 +136,12 @@ class ForkServer:
     def serve(self) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a call (double forks) come back to us to be reaped
         orphans = self.slots.sweep()  # what the calls of a fork server that died (kill -9) left
+        # Warm everything a call needs before the first fork, so no child pays for an import. After the sweep:
+        # a dead fork server's leftovers (a daemon still writing) are killed first, not after ~0.3-0.5 s of
+        # warm-up.
+        from runner import child
+
+        child.warm()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         os.set_blocking(wake_r, False)
@@ -586,10 +592,6 @@ def main() -> None:
     from runner import deps
 
     deps.SITE_PACKAGES = deps.site_packages(settings.data_dir)  # calls import the functions' packages from here
-    # Warm everything a call needs before the first fork, so no child pays for an import.
-    from runner import child
-
-    child.warm()
     server.serve()
 
 

@@ -1,20 +1,20 @@
 """A call's own file system view: a mount namespace built for it, not carved out of the host's.
 
-Once per slot (per fork server), a helper process builds the slot's *skeleton*: a mount namespace whose root
+Once per fork server, a helper process builds the *skeleton*: a mount namespace whose root
 is a small read-only tmpfs holding
 
   /usr, /bin, /lib*         the host's, read-only (the interpreter, its shared libraries, /bin/sh)
   <python prefixes>         the interpreter's and the venv's trees, read-only, at their own paths
   <data>/deps               the function dependencies folder, read-only (when FNBOX_DATA_DIR has one)
-  /etc                      a minimal one: passwd/group with the slot's uid, hosts, resolv.conf, nsswitch.conf,
+  /etc                      a minimal one: passwd/group with the sandbox uids, hosts, resolv.conf, nsswitch.conf,
                             and the host's ld.so.cache, localtime and ssl/certs (read-only)
   /dev                      null, zero, full, random, urandom; fd/stdin/stdout/stderr links; shm -> /tmp
   /proc                     a procfs of its own mounted with hidepid=invisible: a call sees its own processes
-  /sys/fs/cgroup/...        only the slot's own cgroup folders (a function may read its limits, never change them)
+  /sys/fs/cgroup/...        empty mount points for the slot cgroups (each call binds its own slot's folders)
   /tmp                      an empty mount point; /var/tmp and /run/lock are links to /tmp
   <functions dir>           an empty mount point
 
-The fork server keeps an fd on that namespace (like the slot's network namespace). Per call, the child enters
+The fork server keeps an fd on that namespace (shared by its slots). Per call, the child enters
 it with setns(), copies it with unshare(CLONE_NEWNS) (its mounts are then the call's alone and die with the
 call's last process), and mounts
 
@@ -112,13 +112,15 @@ def _unshare(flags: int) -> None:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What a slot's skeleton holds, from the server's settings and the slot."""
+    """What the skeleton holds, from the server's settings."""
 
     functions_dir: str
     ro_trees: tuple[str, ...]  # host folders bound read-only at their own paths (python prefixes, deps)
-    uid: int
-    gid: int
-    cgroup_dirs: tuple[str, ...] = ()  # the slot's own cgroup folders, bound at their own paths
+    uid_base: int  # the server's sandbox uids uid_base .. uid_base + slots - 1 get a name in /etc/passwd
+    slots: int
+    # Every slot's cgroup folders: the skeleton has an empty mount point for each, and each call binds its own
+    # slot's there (cgroup_trees(), enter()).
+    cgroup_dirs: tuple[str, ...] = ()
     shared_dirs: tuple[str, ...] = ()  # host folders every call sees read-write (FNBOX_SANDBOX_SHARED_DIRS)
     etc_files: tuple[str, ...] = field(default=("ld.so.cache", "localtime", "ssl/certs", "mime.types",
                                                 "protocols", "services", "resolv.conf"))
@@ -192,12 +194,14 @@ def _build(spec: ViewSpec, root: str) -> None:
     for tree in spec.ro_trees:
         if os.path.isdir(tree):
             _bind_at_same_path(root, tree, ro=True)
-    # /etc: a minimal one. The slot's uid has a name (getpass.getuser(), ~ expansion), nobody else does.
+    # /etc: a minimal one. The sandbox uids have a name (getpass.getuser(), ~ expansion); no host user is there.
     etc = _mkdirs(root, "/etc")
-    _write(os.path.join(etc, "passwd"), "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                                        f"fnbox:x:{spec.uid}:{spec.gid}:fnbox call:/tmp:/usr/sbin/nologin\n"
-                                        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
-    _write(os.path.join(etc, "group"), f"root:x:0:\nfnbox:x:{spec.gid}:\nnogroup:x:65534:\n")
+    users = "".join(f"fnbox-{u}:x:{u}:{u}:fnbox call:/tmp:/usr/sbin/nologin\n"
+                    for u in range(spec.uid_base, spec.uid_base + spec.slots))
+    groups = "".join(f"fnbox-{u}:x:{u}:\n" for u in range(spec.uid_base, spec.uid_base + spec.slots))
+    _write(os.path.join(etc, "passwd"), "root:x:0:0:root:/root:/usr/sbin/nologin\n" + users
+           + "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+    _write(os.path.join(etc, "group"), "root:x:0:\n" + groups + "nogroup:x:65534:\n")
     _write(os.path.join(etc, "hosts"), "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
     _write(os.path.join(etc, "nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files dns\n")
     for name in spec.etc_files:
@@ -221,8 +225,7 @@ def _build(spec: ViewSpec, root: str) -> None:
     proc = _mkdirs(root, "/proc", 0o555)
     mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     for d in spec.cgroup_dirs:
-        if os.path.isdir(d):
-            _bind_at_same_path(root, d, ro=False)
+        _mkdirs(root, d)
     _mkdirs(root, TMP, 0o1777)
     os.chmod(os.path.join(root, "tmp"), 0o1777)
     _mkdirs(root, "/var")
@@ -250,7 +253,7 @@ def _build(spec: ViewSpec, root: str) -> None:
 
 
 def build(spec: ViewSpec, staging: str) -> int:
-    """Builds a slot's skeleton in a helper process; returns an fd that holds its mount namespace."""
+    """Builds the skeleton in a helper process; returns an fd that holds its mount namespace."""
     os.makedirs(staging, mode=0o700, exist_ok=True)
     r, w = os.pipe()
     pid = os.fork()
@@ -280,6 +283,26 @@ def build(spec: ViewSpec, staging: str) -> int:
         os.close(r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+class fs_identity:
+    """Host-side reads of the function's files with the call's own file system uid/gid (setfsuid/setfsgid, no
+    supplementary group): they succeed only where the call's uid could read, as without a view. The process
+    keeps its other privileges (CAP_SYS_ADMIN for open_tree) and gets uid 0's file access back afterwards."""
+
+    def __init__(self, uid: int | None, gid: int | None) -> None:
+        self.uid, self.gid = uid, gid
+
+    def __enter__(self) -> None:
+        if self.uid is not None:
+            os.setgroups([])
+            _libc.setfsgid(self.gid)
+            _libc.setfsuid(self.uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.uid is not None:
+            _libc.setfsuid(0)
+            _libc.setfsgid(0)
 
 
 def prewarm(functions_dir: str) -> None:
@@ -351,10 +374,22 @@ def clone_sources(sources: Iterable[tuple[str, str]]) -> list[tuple[int | bytes,
     return out
 
 
+def cgroup_trees(dirs: Iterable[str]) -> list[tuple[int, str]]:
+    """Detached copies of the slot's own cgroup folders, taken on the host side (in prepare(), so a spare pays
+    it ahead): a call may read its limits and usage there, never its siblings'. Their files stay root's."""
+    out = []
+    for d in dirs:
+        tree = _libc.syscall(SYS_OPEN_TREE, -100, d.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC)
+        if tree < 0:
+            raise _err(f"open_tree {d}")
+        out.append((tree, d))
+    return out
+
+
 def enter(ns_fd: int, functions_dir: str, sources: list[tuple[int | bytes, str, bool]], disk_mb: int,
-          shared_dirs: tuple[str, ...] = ()) -> None:
-    """Per call, as root, in the forked child: the slot's skeleton, copied for this call, with its own /tmp and
-    exactly its own function. Ends in /tmp."""
+          shared_dirs: tuple[str, ...] = (), cgroups: list[tuple[int, str]] | None = None) -> None:
+    """Per call, as root, in the forked child: the skeleton, copied for this call, with its own /tmp, exactly
+    its own function and its own slot's cgroup folders. Ends in /tmp."""
     _setns(ns_fd, CLONE_NEWNS)
     _unshare(CLONE_NEWNS)
     mount("fnbox-tmp", TMP, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=1777")
@@ -384,4 +419,8 @@ def enter(ns_fd: int, functions_dir: str, sources: list[tuple[int | bytes, str, 
             raise _err(f"move_mount {target}")
         os.close(src)
     mount(None, functions_dir, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for tree, path in cgroups or ():
+        if _libc.syscall(SYS_MOVE_MOUNT, tree, b"", -100, path.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+            raise _err(f"move_mount {path}")
+        os.close(tree)
     os.chdir(TMP)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import psutil
 
 from runner import egress, fsview, syscalls
-from runner.cgroups import SlotCgroup, v1_base
+from runner.cgroups import SlotCgroup, slot_dir, v1_base
 from runner.config import Settings
 from runner.locks import LockTable
 from runner.profiles import Profile
@@ -61,6 +61,10 @@ def unshare(flags: int) -> None:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
+
+# fnbox uses cgroup v1 controllers (cgroup v2 is not supported yet): what to do when one is missing.
+V1_HINT = (" (needs root and the cgroup v1 controller mounted under /sys/fs/cgroup; on a cgroup v2-only system boot "
+           "with systemd.unified_cgroup_hierarchy=0 on the kernel command line)")
 
 MIN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -105,9 +109,9 @@ class Layers:
                            "not root: calls run as the server's uid (they can signal and read each other "
                            "and the server; RLIMIT_NPROC counts the server's processes too)"),
             "memory_cgroup": st(self.cgroup_memory, "kernel memory limit per call (swap 0), OOM = memory_limit",
-                                "no memory cgroup: only the psutil watchdog and RLIMIT_DATA cap memory"),
+                                "no memory cgroup: only the psutil watchdog and RLIMIT_DATA cap memory" + V1_HINT),
             "pids_cgroup": st(self.cgroup_pids, "pids.max per call caps fork and thread bombs",
-                              "no pids cgroup: only RLIMIT_NPROC caps fork bombs"),
+                              "no pids cgroup: only RLIMIT_NPROC caps fork bombs" + V1_HINT),
             "network_namespace": st(self.netns or self.userns, "network=false calls get an empty netns",
                                     "cannot unshare a network namespace: network=false is NOT enforced"),
             "ipc_namespace": st(self.ipcns, "SysV shared memory, semaphores and message queues and POSIX message "
@@ -141,7 +145,7 @@ class Layers:
                                  "network=true calls can reach every service of the host (127.0.0.1 included): "
                                  + (self.egress_error or "needs root and nft")),
             "cpu_cgroup": st(self.cgroup_cpu, "cpuacct per call: cpu_s counts every process of the call",
-                             "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up"),
+                             "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up" + V1_HINT),
         }
 
 
@@ -171,16 +175,22 @@ def probe_layers(settings: Settings) -> Layers:
                   egress_error=out_error)
 
 
-def view_spec(settings: Settings, uid: int, cgroup_dirs: tuple[str, ...] = ()) -> fsview.ViewSpec:
+def view_spec(settings: Settings) -> fsview.ViewSpec:
+    parent = settings.cgroup_parent
+    bases = ([b for b in (v1_base("memory", parent), v1_base("pids", parent), v1_base("cpuacct", parent)) if b]
+             if os.geteuid() == 0 else [])
     return fsview.ViewSpec(functions_dir=os.path.realpath(settings.functions_dir),
-                           ro_trees=fsview.runtime_trees(settings.data_dir), uid=uid, gid=uid,
-                           cgroup_dirs=cgroup_dirs, shared_dirs=settings.shared_dirs)
+                           ro_trees=fsview.runtime_trees(settings.data_dir), uid_base=settings.uid_base,
+                           slots=settings.slots,
+                           cgroup_dirs=tuple(slot_dir(b, settings.uid_base + i) for b in bases
+                                             for i in range(settings.slots)),
+                           shared_dirs=settings.shared_dirs)
 
 
 def _probe_view(settings: Settings) -> tuple[bool, str]:
     """Builds one real skeleton (a few ms, once per fork server): the layer is active only if that works."""
     try:
-        fd = fsview.build(view_spec(settings, settings.uid_base), os.path.join(settings.state_dir, "view"))
+        fd = fsview.build(view_spec(settings), os.path.join(settings.state_dir, "view"))
     except OSError as e:
         return False, str(e)
     os.close(fd)
@@ -223,7 +233,7 @@ class SlotPool:
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
         # With a file system view, a call writes only to its own tmpfs: there is no host folder to sweep.
         self.litter_dirs = _litter_dirs() if layers.root and not layers.fsview else []
-        self._mntns_fds: dict[int, int] = {}
+        self._mntns_fd: int | None = None
         self.seccomp = syscalls.compile_program() if layers.seccomp else None  # compiled once, loaded per call
         if layers.egress:
             egress.install_or_warn(settings.uid_base, settings.slots)
@@ -304,7 +314,7 @@ class SlotPool:
         if base is None:
             return False
         try:
-            with open(os.path.join(base, f"slot-{self.settings.uid_base + i}", "cgroup.procs")) as f:
+            with open(os.path.join(slot_dir(base, self.settings.uid_base + i), "cgroup.procs")) as f:
                 return bool(f.read(1))
         except OSError:
             return False
@@ -428,14 +438,13 @@ class SlotPool:
         return fd
 
     def _mntns(self, i: int, cg: SlotCgroup | None) -> int | None:
-        """The slot's file system view skeleton (runner.fsview), built once and entered by each of its calls."""
+        """The file system view skeleton (runner.fsview): built once per fork server, when a slot is first
+        claimed, and entered by every call."""
         if not self.layers.fsview or not self.layers.root:
             return None
-        fd = self._mntns_fds.get(i)
-        if fd is None:
-            spec = view_spec(self.settings, self.settings.uid_base + i, cg.dirs() if cg is not None else ())
-            fd = self._mntns_fds[i] = fsview.build(spec, os.path.join(self.settings.state_dir, "view"))
-        return fd
+        if self._mntns_fd is None:
+            self._mntns_fd = fsview.build(view_spec(self.settings), os.path.join(self.settings.state_dir, "view"))
+        return self._mntns_fd
 
     def release(self, slot: Slot) -> None:
         self.registry.release(slot.key)
@@ -443,10 +452,10 @@ class SlotPool:
 
     def close(self) -> None:
         self.registry.close()
-        for fd in (*self._netns_fds.values(), *self._mntns_fds.values()):
+        for fd in (*self._netns_fds.values(), *filter(None, [self._mntns_fd])):
             os.close(fd)
         self._netns_fds.clear()
-        self._mntns_fds.clear()
+        self._mntns_fd = None
 
 
 def _litter_dirs() -> list[str]:
@@ -566,6 +575,7 @@ def _close_fds_except(keep: list[int]) -> None:
 
 
 _parent = 0  # the fork server's pid, seen by prepare(): assign() checks that it still lives
+_cgroup_trees: list[tuple[int, str]] = []  # the slot's cgroup folders, cloned by prepare() for assign()
 
 
 def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: list[int]) -> None:
@@ -594,7 +604,10 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
         unshare(flags)
     # By fd: the fork server renames a spare's scratch dir when it hands it a call, maybe before we get here.
     os.fchdir(scratch_fd)
-    _close_fds_except([*keep, *([slot.mntns] if slot.mntns is not None else [])])
+    global _cgroup_trees
+    if slot.mntns is not None and slot.cgroup is not None:  # bound into the view by assign()
+        _cgroup_trees = fsview.cgroup_trees(slot.cgroup.dirs())
+    _close_fds_except([*keep, *([slot.mntns] if slot.mntns is not None else []), *(t for t, _ in _cgroup_trees)])
     sys.dont_write_bytecode = True
 
 
@@ -623,9 +636,10 @@ def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base
     """
     if slot.mntns is not None:
         # Detached copies of exactly this function's files, taken on the host side, then the view.
-        sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
+        with fsview.fs_identity(slot.uid, slot.gid):  # only what the call's uid may read
+            sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
         fsview.enter(slot.mntns, os.path.realpath(functions_dir), sources, profile.max_disk_mb,
-                     slot.shared_dirs)
+                     slot.shared_dirs, _cgroup_trees)
         os.close(slot.mntns)
         scratch = fsview.TMP
     _drop_identity(slot)
