@@ -578,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     _request_options(p)
     p.set_defaults(fn=cmd_run)
+    from cli import queue_cmds  # calls, schedules, worker: the queue side (docs/cluster.md)
+
+    queue_cmds.add_parsers(sub)
     return ap
 
 

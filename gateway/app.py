@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import admin, metrics
+from gateway import admin, async_routes, console, metrics
 from gateway.admission import ConcurrencyLimiter, worker_cap
 from gateway.deploy import FunctionStore
 from gateway.errors import HTTP_CODES, GatewayError, error_response
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     app.register_blueprint(bp)
     if rt.admin_token:
         app.register_blueprint(admin.bp)
+    console.register(app, rt)  # the web console, when a token or password turns it on
+    async_routes.install(app, start)  # /async-function, /calls, the queue's executor threads and scheduler
 
     @app.get("/metrics")
     def _metrics() -> Response:
