@@ -49,16 +49,17 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def v1_base(controller: str) -> str | None:
-    """The directory under which fnbox creates its slot cgroups for a v1 controller, or None."""
+def v1_base(controller: str, parent: str = "fnbox") -> str | None:
+    """The directory under which fnbox creates its slot cgroups for a v1 controller, or None. `parent` is
+    Settings.cgroup_parent (FNBOX_CGROUP_PARENT), relative to the server's own cgroup."""
     mount = os.path.join(V1_ROOT, controller)
     own = _own_path(controller)
     if own is None or not os.path.isfile(os.path.join(mount, "cgroup.procs")):
         return None
-    base = os.path.join(mount, own.lstrip("/"), "fnbox")
-    if not os.path.isdir(os.path.dirname(base)):
+    base = os.path.join(mount, own.lstrip("/"), parent)
+    if not os.path.isdir(os.path.join(mount, own.lstrip("/"))):
         # A container may show its own cgroup as the mount root.
-        base = os.path.join(mount, "fnbox")
+        base = os.path.join(mount, parent)
     try:
         os.makedirs(base, exist_ok=True)
     except OSError:
@@ -66,19 +67,21 @@ def v1_base(controller: str) -> str | None:
     return base if os.access(base, os.W_OK) else None
 
 
-def slot_dir(base: str, index: int) -> str:
-    """The folder of slot `index` below a controller's fnbox base."""
-    return os.path.join(base, f"slot-{index}")
+def slot_dir(base: str, key: int) -> str:
+    """The folder of the slot `key` (its uid) below a controller's fnbox base."""
+    return os.path.join(base, f"slot-{key}")
 
 
 class SlotCgroup:
     """The v1 memory + pids cgroups of one sandbox slot."""
 
-    def __init__(self, memory_base: str, pids_base: str | None, index: int, cpuacct_base: str | None = None) -> None:
-        self.mem = slot_dir(memory_base, index)
-        self.pids = slot_dir(pids_base, index) if pids_base else None
+    def __init__(self, memory_base: str, pids_base: str | None, key: int, cpuacct_base: str | None = None) -> None:
+        # Named by the slot's uid (key), as its lock in the machine-wide registry is: whoever holds the lock
+        # owns these cgroups, whatever server it belongs to.
+        self.mem = slot_dir(memory_base, key)
+        self.pids = slot_dir(pids_base, key) if pids_base else None
         # cpuacct: the CPU time of every process of the call, whatever forked it (RLIMIT_CPU is per process).
-        self.cpu = slot_dir(cpuacct_base, index) if cpuacct_base else None
+        self.cpu = slot_dir(cpuacct_base, key) if cpuacct_base else None
         for d in filter(None, (self.mem, self.pids, self.cpu)):
             os.makedirs(d, exist_ok=True)
         self._limits: tuple[int, int] | None = None

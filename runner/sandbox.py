@@ -1,15 +1,16 @@
 """The sandbox layers: slots (uid + cgroups + scratch), and what a forked child does before user code runs.
 
-A slot is one concurrent call's identity on this machine: uid/gid `uid_base + i`, the cgroups `slot-i`, and a
-lock file that says who holds it. Slots are machine-wide (several workers, several servers share the uid
-range), so they are claimed with flock(): the kernel releases a dead holder's claim by itself.
+A slot is one concurrent call's identity on this machine: uid/gid `uid_base + i` (its key), the cgroups
+`slot-<uid>`, and the lock on byte `uid` of `<slot_registry>/slots.lock` that says who holds it. Slots are
+machine-wide (several workers, several servers, each with its own FNBOX_STATE_DIR, may share uids), so they are
+claimed by uid in one registry per machine (runner.locks): the kernel releases a dead holder's claim by
+itself, and a server only ever kills, sweeps or reuses what runs under a uid whose lock it holds.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import os
 import resource
 import shutil
@@ -24,6 +25,7 @@ import psutil
 from runner import egress, fsview, syscalls
 from runner.cgroups import SlotCgroup, slot_dir, v1_base
 from runner.config import Settings
+from runner.locks import LockTable
 from runner.profiles import Profile
 
 PR_SET_PDEATHSIG = 1
@@ -75,6 +77,7 @@ class Slot:
     lock_fd: int
     cgroup: SlotCgroup | None
     netns: int | None = None  # an fd holding this slot's empty network namespace (root only), reused per call
+    key: int = 0  # uid_base + index (also without root): names the slot's lock, cgroups and scratch dirs
     mntns: int | None = None  # an fd holding this slot's file system view skeleton (runner.fsview), if active
     shared_dirs: tuple[str, ...] = ()  # Settings.shared_dirs, bound into the view
     seccomp: syscalls.Program | None = None  # the fork server's compiled filter, loaded by each call
@@ -148,9 +151,9 @@ class Layers:
 
 def probe_layers(settings: Settings) -> Layers:
     root = os.geteuid() == 0
-    mem = bool(root and v1_base("memory"))
-    pids = bool(root and v1_base("pids"))
-    cpu = bool(root and mem and v1_base("cpuacct"))
+    mem = bool(root and v1_base("memory", settings.cgroup_parent))
+    pids = bool(root and v1_base("pids", settings.cgroup_parent))
+    cpu = bool(root and mem and v1_base("cpuacct", settings.cgroup_parent))
     netns = userns = ipcns = False
     if root:
         netns = _can_unshare(CLONE_NEWNET)
@@ -173,11 +176,14 @@ def probe_layers(settings: Settings) -> Layers:
 
 
 def view_spec(settings: Settings) -> fsview.ViewSpec:
-    bases = [b for b in (v1_base("memory"), v1_base("pids"), v1_base("cpuacct")) if b] if os.geteuid() == 0 else []
+    parent = settings.cgroup_parent
+    bases = [b for b in (v1_base("memory", parent), v1_base("pids", parent), v1_base("cpuacct", parent)) if b] \
+        if os.geteuid() == 0 else []
     return fsview.ViewSpec(functions_dir=os.path.realpath(settings.functions_dir),
                            ro_trees=fsview.runtime_trees(settings.data_dir), uid_base=settings.uid_base,
                            slots=settings.slots,
-                           cgroup_dirs=tuple(slot_dir(b, i) for b in bases for i in range(settings.slots)),
+                           cgroup_dirs=tuple(slot_dir(b, settings.uid_base + i) for b in bases
+                                             for i in range(settings.slots)),
                            shared_dirs=settings.shared_dirs)
 
 
@@ -209,16 +215,12 @@ class SlotPool:
     def __init__(self, settings: Settings, layers: Layers) -> None:
         self.settings = settings
         self.layers = layers
-        self.lock_dir = os.path.join(settings.state_dir, "slots")
-        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
-        self._mem_base = v1_base("memory") if layers.cgroup_memory else None
-        self._pids_base = v1_base("pids") if layers.cgroup_pids else None
-        self._cpu_base = v1_base("cpuacct") if layers.cgroup_cpu else None
-        self._fds: dict[int, int] = {}
-        # flock() succeeds again on a lock the same open file already holds: without this set, a slot still in
-        # use by one of our calls would be handed out again once the cycle comes back to it (its cgroup killed,
-        # its uid shared by two calls).
-        self._held: set[int] = set()
+        os.makedirs(settings.slot_registry, mode=0o700, exist_ok=True)
+        self.registry = LockTable(os.path.join(settings.slot_registry, "slots.lock"))
+        self._mem_base = v1_base("memory", settings.cgroup_parent) if layers.cgroup_memory else None
+        self._pids_base = v1_base("pids", settings.cgroup_parent) if layers.cgroup_pids else None
+        self._held: set[int] = set()  # slot indexes held by this fork server
+        self._cpu_base = v1_base("cpuacct", settings.cgroup_parent) if layers.cgroup_cpu else None
         self._cgroups: dict[int, SlotCgroup] = {}
         self._netns_fds: dict[int, int] = {}
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
@@ -236,25 +238,21 @@ class SlotPool:
         if layers.egress:
             egress.install_or_warn(settings.uid_base, settings.slots)
 
-    def _lock_fd(self, i: int) -> int:
-        fd = self._fds.get(i)
-        if fd is None:
-            fd = os.open(os.path.join(self.lock_dir, f"{i}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fds[i] = fd
-        return fd
-
-    def sweep(self, reap=None) -> list[str]:
+    def sweep(self) -> list[str]:
         """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with
         its fork server (PDEATHSIG), its grandchildren and daemons do not, and its scratch dir stays. Runs once,
         when a fork server starts. One slot at a time is locked (never all: other servers keep starting calls),
         so no call starts in a slot while it is swept. Files its uid left in the litter folders are removed too.
         Returns the orphaned folders, already made root's, for a janitor to remove."""
         by_slot: dict[int, list[str]] = {}
-        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot>-<fork server pid>-<call>"
+        first = self.settings.uid_base
+        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot uid>-<fork server pid>-<call>"
             for e in entries:
                 head = e.name.split("-", 1)[0]
-                if head.isdigit() and e.is_dir(follow_symlinks=False):
-                    by_slot.setdefault(int(head), []).append(e.path)
+                # Another server's uids (a scratch folder may be shared) are not ours to sweep.
+                if (head.isdigit() and first <= int(head) < first + self.settings.slots
+                        and e.is_dir(follow_symlinks=False)):
+                    by_slot.setdefault(int(head) - first, []).append(e.path)
         litter: dict[int, list[tuple[str, str, bool]]] = {}  # uid -> (folder, name, is a dir)
         for d in self.litter_dirs:
             try:
@@ -269,7 +267,8 @@ class SlotPool:
             except OSError:
                 pass
         uid_pids: dict[int, list[int]] = {}
-        if not self._mem_base and self.layers.root:  # no cgroup names a slot's processes: their uid does
+        # Also with cgroups: a server with another FNBOX_CGROUP_PARENT may have left processes under our uids.
+        if self.layers.root:
             last = self.settings.uid_base + self.settings.slots
             for p in psutil.process_iter(["uids"]):
                 uids = p.info["uids"]
@@ -281,15 +280,12 @@ class SlotPool:
             if i in self._held or not (by_slot.get(i) or uid_pids.get(uid) or litter.get(uid)
                                        or self._cgroup_busy(i)):
                 continue
-            fd = self._lock_fd(i)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not self.registry.try_claim(uid):
                 continue  # in use by a live fork server
             try:
                 if self._mem_base:
-                    self._cgroup(i).kill_all(reap)
-                elif uid in uid_pids:
+                    self._cgroup(i).kill_all()  # a dead fork server's calls: not our children
+                if uid in uid_pids:
                     kill_uids({uid})
                 for path in by_slot.get(i, []):
                     try:
@@ -308,7 +304,7 @@ class SlotPool:
                     except OSError:
                         pass
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                self.registry.release(uid)
         return orphans
 
     def _cgroup_busy(self, i: int) -> bool:
@@ -318,7 +314,7 @@ class SlotPool:
         if base is None:
             return False
         try:
-            with open(os.path.join(base, f"slot-{i}", "cgroup.procs")) as f:
+            with open(os.path.join(base, f"slot-{self.settings.uid_base + i}", "cgroup.procs")) as f:
                 return bool(f.read(1))
         except OSError:
             return False
@@ -327,8 +323,24 @@ class SlotPool:
         cg = self._cgroups.get(i)
         if cg is None:
             assert self._mem_base is not None
-            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, i, cpuacct_base=self._cpu_base)
+            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, self.settings.uid_base + i,
+                                               cpuacct_base=self._cpu_base)
         return cg
+
+    def litter_changed(self, stamp: tuple[int, ...]) -> bool:
+        """Whether some litter folder got an entry since the stamp (a few stat() calls: O(1) per call)."""
+        return self.litter_stamp() != stamp
+
+    def litter_small(self, limit: int = 64 * 1024) -> bool:
+        """Whether every litter folder is small enough to sweep at once (a directory's st_size grows with its
+        entries: 20 bytes each on tmpfs); a folder of 100 000 files is swept by a janitor process instead."""
+        for d in self.litter_dirs:
+            try:
+                if os.stat(d).st_size > limit:
+                    return False
+            except OSError:
+                pass
+        return True
 
     def litter_stamp(self) -> tuple[int, ...]:
         """The litter folders' mtimes: a folder whose mtime did not change got no new entry."""
@@ -372,27 +384,23 @@ class SlotPool:
                 os.close(dfd)
         return later
 
-    def acquire(self, reap=None) -> Slot | None:
+    def acquire(self) -> Slot | None:
         # Lowest free slot first: the slots in use (and the lock fds and namespaces cached for them) stay as few
         # as the calls ever in flight at once.
         for i in range(self.settings.slots):
-            if i in self._held:
-                continue
-            fd = self._lock_fd(i)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if i in self._held or not self.registry.try_claim(self.settings.uid_base + i):
                 continue
             self._held.add(i)
             cg = None
             if self._mem_base:
                 cg = self._cgroup(i)
                 cg.forget_limits()  # another fork server may have used this slot since we last set them
-                # A previous holder that died (kill -9 of a fork server) may have left processes behind.
-                cg.kill_all(reap)
+                # A previous holder that died (kill -9 of a fork server) may have left processes behind (never
+                # ours: we release a slot only once its processes are gone, so there is nothing for us to reap).
+                cg.kill_all()
             uid = self.settings.uid_base + i if self.layers.root else None
-            return Slot(i, uid, uid, fd, cg, self._netns(i), mntns=self._mntns(i, cg),
-                        shared_dirs=self.settings.shared_dirs, seccomp=self.seccomp)
+            return Slot(i, uid, uid, self.registry.fd, cg, self._netns(i), key=self.settings.uid_base + i,
+                        mntns=self._mntns(i, cg), shared_dirs=self.settings.shared_dirs, seccomp=self.seccomp)
         return None
 
     def _netns(self, i: int) -> int | None:
@@ -439,13 +447,13 @@ class SlotPool:
         return self._mntns_fd
 
     def release(self, slot: Slot) -> None:
-        fcntl.flock(slot.lock_fd, fcntl.LOCK_UN)
+        self.registry.release(slot.key)
         self._held.discard(slot.index)
 
     def close(self) -> None:
-        for fd in (*self._fds.values(), *self._netns_fds.values(), *filter(None, [self._mntns_fd])):
+        self.registry.close()
+        for fd in (*self._netns_fds.values(), *filter(None, [self._mntns_fd])):
             os.close(fd)
-        self._fds.clear()
         self._netns_fds.clear()
         self._mntns_fd = None
 
@@ -488,12 +496,19 @@ def kill_uids(uids: set[int], rounds: int = 5) -> None:
             return
 
 
-def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
-    """Kills every process of the call: the cgroup's members, else every process of the slot's uid, else the
-    main process's session and the psutil tree below it."""
+def kill_slot(slot: Slot, main_pid: int) -> bool:
+    """One pass over the call's processes, SIGKILLing each: the cgroup's members, else every process of the
+    slot's uid, else the main process's session and the psutil tree below it. Never waits: True when the call
+    has no process left. The fork server calls it again from its main loop, after reaping, until it is so (a
+    killed child of ours stays listed until it is reaped; a fork bomb adds processes meanwhile)."""
     if slot.cgroup is not None:
-        slot.cgroup.kill_all(reap)
-        return
+        pids = slot.cgroup.procs()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not pids
     victims: set[int] = set()
     try:
         proc = psutil.Process(main_pid)
@@ -517,10 +532,11 @@ def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    return True  # best effort: without a cgroup nothing names the call's processes reliably
 
 
 def make_scratch(settings: Settings, slot: Slot, call_id: str) -> str:
-    path = os.path.join(settings.scratch_dir, f"{slot.index}-{call_id}")
+    path = os.path.join(settings.scratch_dir, f"{slot.key}-{call_id}")
     os.mkdir(path, 0o700)
     if slot.uid is not None:
         os.chown(path, slot.uid, slot.gid)

@@ -460,7 +460,7 @@ def test_env_reaches_the_function_and_nothing_of_the_server(make_server):
     # environment), not only os.environ: no variable of the server's environment is in it.
     raw = r.json()["raw"]
     names = {item.split("=", 1)[0] for item in raw.split("\0") if item}
-    assert names <= {"PATH", "LANG", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "FNBOX_SCRATCH_DIR", "FNBOX_STATE_DIR"}
+    assert names <= {"PATH", "LANG", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE"}
     for key in ("FNBOX_ADMIN_TOKEN", "AWS_SECRET_ACCESS_KEY", "FNBOX_PROFILES_DIR", "FNBOX_FUNCTIONS_DIR",
                 "FNBOX_BIND"):
         assert srv.env[key] not in raw, (key, raw)
