@@ -401,7 +401,7 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
         {
             "Gunicorn": settings.describe(),
             "Runs": f"{args.rounds} round(s) x {args.duration:g} s per scenario and server, alternating",
-            "Servers": ", ".join(names),
+            "Servers": ", ".join([*names, *([OPT_SERVER] if OPT_SERVER in servers else [])]),
             "CPU busy outside the benchmark": f"{load_before:.0f} % before, {load_after:.0f} % after "
             "(all cores, over 1 s)",
         },

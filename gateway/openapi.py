@@ -53,14 +53,37 @@ def _invoke(subpath: bool) -> dict[str, Any]:
     return {m: {**op, "operationId": f"invoke_{m}{'_subpath' if subpath else ''}"} for m in FUNCTION_METHODS}
 
 
+def _enqueue(subpath: bool) -> dict[str, Any]:
+    params = [{**NAME, "description": "the function's name"}]
+    if subpath:
+        params.append({"name": "subpath", "in": "path", "required": True, "schema": {"type": "string"}})
+    params.append({"name": "X-Callback-Url", "in": "header", "required": False, "schema": {"type": "string"},
+                   "description": "where the result is POSTed when the call ends (an allowed host only)"})
+    op = {
+        "tags": ["async"], "security": [], "parameters": params,
+        "summary": "Queue a call of the function (the same request it would get at /function/...); answer at once",
+        "responses": {
+            "202": _ok("queued (Location: the status URL)", {"type": "object", "properties": {
+                "call_id": {"type": "string"}, "status_url": {"type": "string"}, "status": {"const": "queued"},
+                "function": {"type": "string"}}}),
+            "400": _error("`callback_not_allowed`"), "404": _error("`not_found`"),
+            "413": _error("`request_too_large`"), "503": _error("`busy` (the queue is full) or `unavailable`"),
+        },
+    }
+    return {m: {**op, "operationId": f"enqueue_{m}{'_subpath' if subpath else ''}"}
+            for m in ("get", "post", "put", "patch", "delete")}
+
+
 def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "fnbox", "version": VERSION,
                  "description": "Functions at /function/<name>; the admin API (deploy, versions, history, "
                                 "dependencies) at /admin/, registered only when the server has FNBOX_ADMIN_TOKEN "
-                                "(otherwise every /admin/ path answers 404 `admin_disabled`). Every error is JSON "
-                                "(components.schemas.Error) with a stable `error` code."},
+                                "(otherwise every /admin/ path answers 404 `admin_disabled`); queued calls at "
+                                "/async-function/<name>. Every error is JSON (components.schemas.Error) with a "
+                                "stable `error` code. The web console (/console/, docs/console.md) is a browser UI "
+                                "with its own sign-in, not part of this API."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "the server's FNBOX_ADMIN_TOKEN"}},
@@ -104,6 +127,35 @@ def document() -> dict[str, Any]:
         "paths": {
             "/function/{name}": _invoke(False),
             "/function/{name}/{subpath}": _invoke(True),
+            "/async-function/{name}": _enqueue(False),
+            "/async-function/{name}/{subpath}": _enqueue(True),
+            "/calls/{call_id}": {"get": {
+                "tags": ["async"], "security": [], "operationId": "async_call_status",
+                "parameters": [{"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "summary": "An async call's state (queued, running, done, failed), attempts and result",
+                "responses": {"200": _ok("the call", {"type": "object", "additionalProperties": True}),
+                              "404": _error("`not_found`: unknown, or older than the retention")}}},
+            "/admin/queue": {"get": {
+                "tags": ["admin", "async"], "operationId": "queue",
+                "parameters": [{"name": "state", "in": "query", "schema": {"type": "string"},
+                                "description": "only calls in this state"},
+                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                           "maximum": 1000, "default": 100}}],
+                "summary": "Queued, running and finished async calls, with counts by state",
+                "responses": {"200": _ok("the queue", {"type": "object", "additionalProperties": True}),
+                              **AUTH_ERRORS}}},
+            "/admin/queue/{call_id}/requeue": {"post": {
+                "tags": ["admin", "async"], "operationId": "requeue",
+                "parameters": [{"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "summary": "Queue a failed async call again",
+                "responses": {"200": _ok("queued again", {"type": "object", "additionalProperties": True}),
+                              "404": _error("`not_found`"), "409": _error("`not_failed`: only failed calls"),
+                              **AUTH_ERRORS}}},
+            "/admin/schedules": {"get": {
+                "tags": ["admin", "async"], "operationId": "schedules",
+                "summary": "Every scheduled function and its next runs (profiles' schedule keys)",
+                "responses": {"200": _ok("schedules", {"type": "object", "additionalProperties": True}),
+                              **AUTH_ERRORS}}},
             "/healthz": {"get": {"tags": ["operations"], "security": [], "operationId": "healthz",
                                  "summary": "The fork server, the sandbox layers, the profiles and this worker's "
                                             "history writer (dropped rows, write errors)",

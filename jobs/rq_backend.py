@@ -140,7 +140,10 @@ class RedisQueue:
         # The call first, the job after: if Redis goes away in between, the job is still in RQ's intermediate
         # list and maintain() puts it back; a job whose call is taken already is then just dropped.
         c = self._modify(call_id, take, requeue=False)
-        self._guard(lambda: self._drop_job(job))
+        try:
+            self._drop_job(job)
+        except redis.RedisError:
+            pass  # the call is ours now: run it; maintain() pushes the job back later and its claim drops it
         if c is None or c.state != RUNNING or c.owner != owner or c.started != now:
             return None
         return c

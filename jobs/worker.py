@@ -41,7 +41,10 @@ from runner.supervisor import CallResult, Invocation, Supervisor, Unavailable
 IDLE_WAIT_S = 0.2  # between two looks at an empty queue
 UPKEEP_EVERY_S = 1.0
 BUSY_RETRY_S = 0.5  # a call refused by max_concurrency / the server cap waits this long, attempt not counted
-LEASE_GRACE_S = 60.0  # beyond the function's timeout_s before another board may take over a running call
+# Beyond the function's timeout_s (the runner ends a call 2 s after it), before a running call is given up as
+# lost even though its runner looks alive: a runner that cannot record the outcome for that long (its queue
+# unreachable) leaves the call to another attempt.
+LEASE_GRACE_S = 20.0
 CALLBACK_BACKOFF_S = 1.0
 
 

@@ -68,7 +68,7 @@ def v1_base(controller: str, parent: str = "fnbox") -> str | None:
 
 
 def slot_dir(base: str, key: int) -> str:
-    """The folder of the slot `key` (its uid) below a controller's fnbox base."""
+    """The folder of the slot whose uid is `key` below a controller's fnbox base."""
     return os.path.join(base, f"slot-{key}")
 
 

@@ -177,8 +177,8 @@ def probe_layers(settings: Settings) -> Layers:
 
 def view_spec(settings: Settings) -> fsview.ViewSpec:
     parent = settings.cgroup_parent
-    bases = [b for b in (v1_base("memory", parent), v1_base("pids", parent), v1_base("cpuacct", parent)) if b] \
-        if os.geteuid() == 0 else []
+    bases = ([b for b in (v1_base("memory", parent), v1_base("pids", parent), v1_base("cpuacct", parent)) if b]
+             if os.geteuid() == 0 else [])
     return fsview.ViewSpec(functions_dir=os.path.realpath(settings.functions_dir),
                            ro_trees=fsview.runtime_trees(settings.data_dir), uid_base=settings.uid_base,
                            slots=settings.slots,
@@ -314,7 +314,7 @@ class SlotPool:
         if base is None:
             return False
         try:
-            with open(os.path.join(base, f"slot-{self.settings.uid_base + i}", "cgroup.procs")) as f:
+            with open(os.path.join(slot_dir(base, self.settings.uid_base + i), "cgroup.procs")) as f:
                 return bool(f.read(1))
         except OSError:
             return False

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import CGROUP_PARENT, SHARED, remove_cgroups
+from tests.conftest import CGROUP_PARENT, REPO, SHARED, remove_cgroups
+
+FNBOX = os.path.join(REPO, ".venv", "bin", "fnbox")
 
 SLOW = """
 import os, time
@@ -81,3 +84,27 @@ def test_a_second_server_on_the_same_uids_never_touches_the_first_ones_calls(mak
             if s is not None:
                 s.stop()
         remove_cgroups(other_parent)
+
+
+@pytest.mark.timeout(90)
+def test_fnbox_run_with_another_state_dir_never_kills_a_servers_call(make_server, marks, tmp_path):
+    """The reported case: `fnbox run` (its own FNBOX_STATE_DIR, the server's uids) SIGKILLed a server's call."""
+    env = {"FNBOX_SANDBOX_SLOTS": "4", "FNBOX_SPARES": "0"}
+    srv = make_server(functions={"slow": SLOW}, env=env).start()
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text("import os\ndef main(request):\n    return str(os.getuid())\n")
+    cli_env = {k: v for k, v in srv.env.items() if k.startswith("FNBOX_") or k in ("PATH", "LANG", "HOME")}
+    cli_env.update(FNBOX_STATE_DIR=str(tmp_path / "state"), FNBOX_CGROUP_PARENT=CGROUP_PARENT + "-cli")
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            slow = pool.submit(srv.get, "/function/slow", params={"tag": "server", "marks": marks, "s": "6"},
+                               timeout=30)
+            wait_for(lambda: len(os.listdir(marks)) == 1, what="the server's call to run")
+            runs = [subprocess.run([FNBOX, "run", str(snippet)], env=cli_env, capture_output=True, text=True,
+                                   timeout=60) for _ in range(3)]
+            r = slow.result()
+        for run in runs:
+            assert run.returncode == 0 and "outcome:  ok" in run.stdout, run.stdout + run.stderr
+        assert r.status_code == 200 and r.json()["tag"] == "server", r.text
+    finally:
+        remove_cgroups(CGROUP_PARENT + "-cli")

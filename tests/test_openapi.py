@@ -15,12 +15,15 @@ def _app_routes(app) -> set[tuple[str, str]]:
     """(OpenAPI path, method) for every rule of the app: <name> and <path:subpath> become {name}, {subpath}."""
     out = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        # The web console (its pages, its session-authenticated helpers, `/` leading to it) is a browser UI
+        # documented in docs/console.md, not the HTTP API.
+        if rule.endpoint == "static" or rule.endpoint.startswith("console") or rule.rule.startswith("/console"):
             continue
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule).rstrip("/") or "/"
-        for method in rule.methods - {"HEAD", "OPTIONS"} | ({"HEAD", "OPTIONS"} & rule.methods
-                                                             if path.startswith("/function/") else set()):
-            out.add((path, method.lower()))
+        methods = set(rule.methods)
+        if not path.startswith("/function/"):  # Flask adds HEAD and OPTIONS to every rule; functions serve them
+            methods -= {"HEAD", "OPTIONS"}
+        out.update((path, m.lower()) for m in methods)
     return out
 
 

@@ -13,10 +13,12 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import requests
 
 from tests.conftest import REPO, dedent, server_fixture
+from tests.faultkit import workers_of
 from tests.helpers import assert_error, log_line, new_request_id
 
 # The secret is sent to the scanner in two halves, never joined in its memory: a contiguous copy found there can
@@ -367,3 +369,34 @@ def test_the_start_up_log_names_the_sandbox_layers_the_admin_api_and_exposed_sec
     assert len(warning) == 1 and "[WARNING]" in warning[0] and "functions.toml" in warning[0], log
     expected = "DEGRADED" if os.geteuid() != 0 else "active"
     assert f"sandbox layer uid_pool: {expected}" in log, log
+
+
+@pytest.mark.timeout(120)
+def test_fork_servers_killed_while_workers_boot_never_stop_the_server(make_server):
+    """kill -9 of every fork server during a graceful reload (the new workers boot, each starting its fork server):
+    once made Gunicorn's master stop the whole server ("Worker failed to boot")."""
+    srv = make_server(functions={"hello": HELLO}, workers=2).start()
+    old = {w.pid for w in workers_of(srv)}
+    os.kill(srv.proc.pid, signal.SIGHUP)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        for w in workers_of(srv):
+            if w.pid in old:
+                continue
+            try:
+                children = w.children()
+            except psutil.Error:
+                continue
+            for c in children:
+                try:
+                    if c.pid not in killed and "runner.forkserver" in " ".join(c.cmdline()):
+                        os.kill(c.pid, signal.SIGKILL)
+                        killed.add(c.pid)
+                except (psutil.Error, ProcessLookupError):
+                    pass
+        time.sleep(0.002)
+    assert killed, "no fork server of a booting worker was seen"
+    assert srv.proc.poll() is None, srv.read_log()[-3000:]
+    wait_calls_ok(srv)
+    assert srv.proc.poll() is None and "Worker failed to boot" not in srv.read_log()

@@ -61,7 +61,10 @@ def test_the_readme_tour_works_line_by_line():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FNBOX_", "PROMETHEUS_", "MAKE"))}
     # The one change to the README's lines: the port (8000 may be taken on a test machine).
     env.update(FNBOX_BIND=f"127.0.0.1:{port}", FNBOX_URL=f"http://127.0.0.1:{port}", FNBOX_WORKERS="1",
-               FNBOX_THREADS="8")
+               FNBOX_THREADS="8",
+               # The linked .venv is this checkout's: make must never reinstall it from the copy (an editable
+               # install would then point into the copy, removed after the test).
+               MAKEFLAGS="-o .venv/.installed -o .venv/bin/python")
     steps = tour_steps(open(os.path.join(work, "README.md")).read())
     script = ["set -u"]
     for n, (command, _) in enumerate(steps):
