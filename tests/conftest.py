@@ -83,6 +83,10 @@ def _remove_world() -> None:
         return
     shutil.rmtree(SCRATCH, ignore_errors=True)
     remove_cgroups()
+    if os.geteuid() == 0:  # the egress table of our uid range, if a server of ours was killed before its exit hook
+        from runner import egress
+
+        egress.remove(UID_BASE)
 
 
 atexit.register(_remove_world)
