@@ -58,6 +58,7 @@ class Page:
 
     def shot(self, name: str, full: bool = True) -> None:
         os.makedirs(SHOTS, exist_ok=True)
+        self.page.evaluate("window.scrollTo(0, 0)")  # a full-page shot of a scrolled page repeats the sticky bar
         self.page.screenshot(path=os.path.join(SHOTS, name + ".png"), full_page=full)
 
     def close(self) -> None:
@@ -116,14 +117,19 @@ def test_operator_journey(server, browser):
         assert requests.get(server.url + "/function/hello", timeout=30).text == "hello v0"
         p.shot("function-syntax-error", full=False)
 
-        # Deploy twice: v1 then v2 is live.
+        # Deploy twice: the second is live (the hand-placed file is kept as a version before the first).
+        deployed = []
         for n in (1, 2):
             if not page.locator("#editor").is_visible():
                 page.click("#edit-btn")
             page.fill("#editor", f"def main(request):\n    return 'hello v{n}'\n")
-            page.keyboard.press("Control+Enter")
-            page.wait_for_url(re.compile(rf"done=deployed&v={n}"))
-            assert f"Deployed version {n}" in page.inner_text("#notice")
+            with page.expect_navigation():
+                page.keyboard.press("Control+Enter")
+            assert "done=deployed" in page.url
+            version = int(re.search(r"v=(\d+)", page.url).group(1))
+            assert f"Deployed version {version}." in page.inner_text("#notice")
+            deployed.append(version)
+        assert deployed[1] == deployed[0] + 1
         assert requests.get(server.url + "/function/hello", timeout=30).text == "hello v2"
 
         # Invoke form: a real call, its outcome, CPU and memory.
@@ -160,11 +166,12 @@ def test_operator_journey(server, browser):
         p.shot("call")
 
         # Roll back from the function page: one click, v1 is live again; a diff against the live version.
-        page.goto(server.url + "/console/functions/hello?diff=1")
+        first = deployed[0]
+        page.goto(server.url + f"/console/functions/hello?diff={first}")
         assert "-    return 'hello v1'" in page.inner_text("#diff")
-        page.locator(".versions li", has_text="v1").locator("button", has_text="Roll back").click()
-        page.wait_for_url(re.compile(r"done=rolledback&v=1"))
-        assert "version 1 is live" in page.inner_text("#notice")
+        page.locator(f".versions li:has(strong:text-is('v{first}'))").locator("button", has_text="Roll back").click()
+        page.wait_for_url(re.compile(rf"done=rolledback&v={first}"))
+        assert f"version {first} is live" in page.inner_text("#notice")
         assert requests.get(server.url + "/function/hello", timeout=30).text == "hello v1"
 
         # Metrics: charts from the history, and the sandbox layers.

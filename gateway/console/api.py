@@ -139,7 +139,7 @@ def playground_save() -> tuple[Response, int]:
 
 def call_summary(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("id", "time", "request_id", "function", "version", "method", "path", "status",
-                                  "outcome", "duration_ms", "cpu_ms", "max_rss_kb")}
+                                  "outcome", "duration_ms", "cpu_ms", "max_rss_kb", "trigger")}
 
 
 @bp.get("/api/calls/stream")

@@ -242,7 +242,7 @@ function setupLiveTail() {
     const t = q("time"); t.setAttribute("datetime", new Date(c.time * 1000).toISOString()); t.textContent = new Date(c.time * 1000).toLocaleString();
     q("fnlink").href = "/console/functions/" + encodeURIComponent(c.function); q("fnlink").textContent = c.function;
     q("version").textContent = c.version ? "v" + c.version : "";
-    q("req").textContent = c.method + " " + c.path;
+    q("req").textContent = (c.trigger && c.trigger !== "sync" ? "[" + c.trigger + "] " : "") + c.method + " " + c.path;
     q("status").textContent = c.status; q("status").classList.add("s" + Math.floor((c.status || 0) / 100));
     q("outcome").textContent = c.outcome; q("outcome").classList.add(outcomeClass(c.outcome));
     q("duration").textContent = fmtMs(c.duration_ms); q("cpu").textContent = fmtMs(c.cpu_ms); q("mem").textContent = fmtKib(c.max_rss_kb);
