@@ -54,6 +54,7 @@ lint: $(DEVSTAMP)
 bench: $(DEVSTAMP)
 	bash ops/setup-system.sh
 	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/async_bench.py
 
 clean:
 	rm -rf $(VENV)

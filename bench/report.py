@@ -24,8 +24,9 @@ SECTION_HEADING = "## Latest benchmark run"
 DOC_INTRO = """# Performance
 
 fnbox runs every call in a fresh, sandboxed process. This page measures what that costs against three
-reference designs, on the same machine and under the same Gunicorn settings (gthread, the workers and
-threads of `ops/gunicorn.conf.py`):
+reference designs, and what its two opt-in faster modes (preloaded modules, warm instances) gain, on the
+same machine and under the same Gunicorn settings (gthread, the workers and threads of
+`ops/gunicorn.conf.py`):
 
 - **seed**: the seed write-up's design (`bench/seed_app.py`). The function is imported once and runs inside
   the Gunicorn worker: no isolation at all, so it is the ceiling.
@@ -35,20 +36,26 @@ threads of `ops/gunicorn.conf.py`):
 - **spawn**: the naive way to isolate calls (`bench/spawn_app.py`, `bench/spawn_child.py`). A new `python`
   process per call, the request in and the response out as JSON over stdin/stdout.
 - **fnbox**: the real server, `gunicorn -c ops/gunicorn.conf.py`, with a copy of `sandbox_profiles/` whose
-  `functions.toml` only raises `max_concurrency` to 32 for the two sleeping functions.
+  `functions.toml` only raises `max_concurrency` to 32 for the two sleeping functions (and, for the webhook,
+  preloads the few standard-library modules `requests` needs: see the notes of the latest run).
+- **fnbox-opt**: the same server with the two opt-in modes, on its own copy of the functions: `hello` with
+  `reuse_calls = 1000` (warm instances) and `webhook` with `preload = ["requests"]`. It runs only the
+  `hello` and `webhook` scenarios. A preloaded module is in every call of its server (docs/operators.md), so
+  fresh and preloaded need two servers.
 
 ## How to run
 
 `make bench`, or `.venv/bin/python bench/run.py` with any of `--quick` (1 round of 2 s), `--rounds N`
-(default 3), `--duration S` (default 5), `--servers seed,floor,spawn,fnbox`, `--no-write` (leave this page
-alone), `--keep-tmp` (keep server and wrk logs). wrk must be installed (`bash ops/setup-system.sh`). A
-default run takes about five minutes and only ever talks to 127.0.0.1.
+(default 3), `--duration S` (default 5), `--servers seed,floor,spawn,fnbox` (fnbox-opt runs whenever fnbox
+does), `--no-write` (leave this page alone), `--keep-tmp` (keep server and wrk logs). wrk must be installed
+(`bash ops/setup-system.sh`). A default run takes about ten minutes and only ever talks to 127.0.0.1.
 
 ## Method
 
-- The four servers run side by side on free loopback ports. wrk drives one at a time, alternating
-  seed, floor, spawn, fnbox for every scenario of every round, and after each run the bench waits until the
-  server just measured is idle again, so a server still draining queued calls never slows the next one.
+- The five servers run side by side on free loopback ports. wrk drives one at a time, alternating
+  seed, floor, spawn, fnbox, fnbox-opt for every scenario of every round, and after each run the bench
+  waits until the server just measured is idle again, so a server still draining queued calls never slows
+  the next one.
 - wrk shares the machine's cores with the servers, so absolute numbers are lower than with a separate
   load generator; the ratios are the point. The run records how busy the CPU was outside the benchmark.
 - Errors are socket errors, wrk timeouts (a response slower than 2 s) and HTTP statuses >= 400. A call
@@ -143,7 +150,7 @@ def throughput_table(rows: dict[tuple[str, str], Row], servers: Sequence[str]) -
             if row is None:
                 continue
             ratios = ["", "", ""]
-            if name in ("fnbox", "floor"):
+            if name in ("fnbox", "floor", "fnbox-opt"):
                 for i, base in enumerate(("seed", "floor", "spawn")):
                     other = rows.get((sc.key, base))
                     if base != name:
@@ -212,6 +219,22 @@ def target_checks(rows: dict[tuple[str, str], Row], mem: dict[str, MemoryRow]) -
         checks.append(Check(name, f.p50_ms <= fl.p50_ms, f"{f.p50_ms:.2f} ms vs {fl.p50_ms:.2f} ms"))
     else:
         checks.append(Check(name, None, "needs fnbox and floor latencies"))
+
+    f, o = get("webhook@8", "fnbox"), get("webhook@8", "fnbox-opt")
+    name = "webhook@8: preloaded (fnbox-opt) req/s >= 10 x fresh (fnbox)"
+    if f and o and f.rps > 0:
+        checks.append(Check(name, o.rps >= 10 * f.rps and o.errors == 0,
+                            f"{o.rps:,.1f} vs {f.rps:,.1f} ({o.rps / f.rps:.1f}x), {o.errors} errors"))
+    else:
+        checks.append(Check(name, None, "needs fnbox and fnbox-opt"))
+
+    o, s = get("hello@8", "fnbox-opt"), get("hello@8", "seed")
+    name = "hello@8: warm instances (fnbox-opt, reuse_calls = 1000) req/s >= 0.5 x seed"
+    if o and s:
+        checks.append(Check(name, o.rps >= 0.5 * s.rps and o.errors == 0,
+                            f"{o.rps:,.0f} vs {s.rps:,.0f} ({o.rps / s.rps:.2f}x), {o.errors} errors"))
+    else:
+        checks.append(Check(name, None, "needs seed and fnbox-opt"))
 
     f = get("sleep100@32", "fnbox")
     name = "sleep100@32: fnbox >= 250 calls/s and zero errors"
@@ -305,8 +328,11 @@ def render(
         "",
         "Scenarios: `hello@1` and `hello@8` GET /function/hello with 1 and 8 connections; `echo64k@8` POSTs",
         "a 64 KB JSON body to a JSON echo function with 8 connections; `sleep100@32` calls a function that",
-        "sleeps 100 ms with 32 connections. Medians over rounds; errors are summed over rounds (socket",
-        "errors, timeouts, HTTP statuses >= 400). A call slower than the timeout is an error, not a latency.",
+        "sleeps 100 ms with 32 connections; `webhook@8` calls a function that imports `requests` at the top",
+        "and prepares a POST with it. `fnbox-opt` is fnbox with the two opt-in modes: `hello` with",
+        "`reuse_calls = 1000` (warm instances) and `webhook` with `preload = [\"requests\"]`; it runs only",
+        "those scenarios. Medians over rounds; errors are summed over rounds (socket errors, timeouts, HTTP",
+        "statuses >= 400). A call slower than the timeout is an error, not a latency.",
         "",
         throughput_table(rows, servers),
         "",

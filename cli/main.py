@@ -294,6 +294,10 @@ def parse_since(value: str, now: float | None = None) -> float:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     name = urllib.parse.quote(args.name)
+    if args.all_boards:  # several boards: every board's calls, labelled (docs/cluster.md)
+        from cli.queue_cmds import print_board_calls
+
+        return print_board_calls(args, _api(args, "GET", f"/admin/cluster/calls?function={name}&limit={args.n}"))
     query = {"errors": "1"} if args.errors else {}
     if args.since:
         query["since"] = repr(parse_since(args.since))
@@ -541,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="WHEN", help="only calls since a duration ago (30s, 10m, 2h, 1d) or a local "
                                                    "time (2026-12-03T08:00)")
     p.add_argument("--follow", action="store_true", help="keep printing new calls (Ctrl-C stops)")
+    p.add_argument("--all-boards", action="store_true", help="the calls of every board (several boards)")
     p.set_defaults(fn=cmd_logs)
     p = _remote(sub, "deps", help="the functions' packages: show them, or install a requirements.txt",
                 description="`fnbox deps install requirements.txt` deploys it to the server's functions folder and "
@@ -578,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     _request_options(p)
     p.set_defaults(fn=cmd_run)
+    from cli import queue_cmds  # calls, schedules, worker: the queue side (docs/cluster.md)
+
+    queue_cmds.add_parsers(sub)
     return ap
 
 

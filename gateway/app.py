@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import admin, metrics
+from gateway import admin, async_routes, console, metrics
 from gateway.admission import ConcurrencyLimiter, worker_cap
 from gateway.deploy import FunctionStore
 from gateway.errors import HTTP_CODES, GatewayError, error_response
 from gateway.history import History
 from gateway.routes import bp
 from runner.config import Settings, max_calls_for
+from runner.preload import union as preload_union
 from runner.profiles import ProfileStore
 from runner.supervisor import Supervisor
 
@@ -56,7 +57,8 @@ class Runtime:
 def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     settings = settings or Settings.from_env()
     profiles = ProfileStore(settings.profiles_dir)  # raises ProfileError: the server refuses to start
-    supervisor = Supervisor(settings, on_restart=metrics.RESTARTS.inc)
+    supervisor = Supervisor(settings, on_restart=metrics.RESTARTS.inc,
+                            preload_modules=lambda: preload_union(profiles.current()))
     os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
     os.makedirs(settings.data_dir, mode=0o711, exist_ok=True)
     history = History(os.path.join(settings.data_dir, "history.sqlite3"), settings.history_max_rows,
@@ -75,6 +77,8 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     app.register_blueprint(bp)
     if rt.admin_token:
         app.register_blueprint(admin.bp)
+    console.register(app, rt)  # the web console, when a token or password turns it on
+    async_routes.install(app, start)  # /async-function, /calls, the queue's executor threads and scheduler
 
     @app.get("/metrics")
     def _metrics() -> Response:

@@ -212,7 +212,9 @@ class FunctionStore:
             kind = "module"
         fd = self._lock(name)
         try:
-            self._keep_hand_edit(name)  # a hand edit since the last deploy becomes a version, never lost
+            # What the folder serves now (a hand edit since the last deploy, or a function placed by hand and
+            # never deployed) becomes a version first, unless it is what is being deployed: never lost.
+            self._keep_hand_edit(name, unmanaged_too=True, unless=content_hash(files))
             number = self._store(name, kind, files, "deploy")
             self._activate(name, number)
             self._prune(name)
@@ -255,7 +257,7 @@ class FunctionStore:
             return v.sha256
         return content_hash(_read_tree(os.path.join(self._dir(name), str(v.version))))  # a version of 0.1
 
-    def _keep_hand_edit(self, name: str, unmanaged_too: bool = False) -> int | None:
+    def _keep_hand_edit(self, name: str, unmanaged_too: bool = False, unless: str | None = None) -> int | None:
         """Under the lock: if the live files differ from the current version (edited by hand after a deploy),
         store them as a new version (origin hand_edit) and make it current. A function never deployed is only
         stored when unmanaged_too (before `rm` deletes it). Returns the new version's number, if any."""
@@ -267,7 +269,8 @@ class FunctionStore:
         cur = self.current(name)
         if cur is None and not unmanaged_too:
             return None
-        if cur in versions and self._version_hash(name, versions[cur]) == content_hash(files):
+        live_hash = content_hash(files)
+        if live_hash == unless or (cur in versions and self._version_hash(name, versions[cur]) == live_hash):
             return None
         number = self._store(name, kind, files, "hand_edit")
         if kind == "package" and os.path.islink(os.path.join(self.functions_dir, name)):
@@ -289,7 +292,8 @@ class FunctionStore:
     def rollback(self, name: str, version: int | None = None) -> Version:
         fd = self._lock(name)
         try:
-            self._keep_hand_edit(name)
+            # A hand-placed file where a removed function was: kept before the rollback replaces it.
+            self._keep_hand_edit(name, unmanaged_too=bool(self.versions(name)))
             versions = self.versions(name)
             cur = self.current(name)
             if not versions:

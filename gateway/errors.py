@@ -31,6 +31,8 @@ STATUS = {
     "syntax_error": 422,
     "invalid_archive": 422,
     "no_version": 404,
+    "callback_not_allowed": 400,
+    "not_failed": 409,
 }
 
 

@@ -25,16 +25,19 @@ from dataclasses import dataclass
 from typing import Any
 
 COLUMNS = ("time", "request_id", "function", "version", "method", "path", "status", "outcome", "duration_ms",
-           "cpu_ms", "max_rss_kb", "output", "complete", "error_type", "message", "traceback")
+           "cpu_ms", "max_rss_kb", "output", "complete", "error_type", "message", "traceback", "trigger")
 # Columns added after 0.1, added to an older database when it is opened.
 LATER_COLUMNS = {"complete": "INTEGER NOT NULL DEFAULT 1", "error_type": "TEXT", "message": "TEXT",
-                 "traceback": "TEXT"}
+                 "traceback": "TEXT", "trigger": "TEXT NOT NULL DEFAULT 'sync'"}
+# What a record that does not say gets: sync calls come from gateway/routes.py, queued ones say async|schedule.
+_DEFAULTS = {"complete": 1, "trigger": "sync"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL, request_id TEXT NOT NULL, function TEXT NOT NULL, version INTEGER,
     method TEXT, path TEXT, status INTEGER, outcome TEXT, duration_ms REAL, cpu_ms REAL, max_rss_kb INTEGER,
-    output TEXT, complete INTEGER NOT NULL DEFAULT 1, error_type TEXT, message TEXT, traceback TEXT
+    output TEXT, complete INTEGER NOT NULL DEFAULT 1, error_type TEXT, message TEXT, traceback TEXT,
+    trigger TEXT NOT NULL DEFAULT 'sync'
 );
 CREATE INDEX IF NOT EXISTS calls_function ON calls (function, id);
 CREATE INDEX IF NOT EXISTS calls_request ON calls (request_id);
@@ -74,7 +77,7 @@ class Insert(_Message):
     row: dict[str, Any]
 
     def apply(self, db: sqlite3.Connection) -> int:
-        db.execute(_INSERT, tuple(self.row.get(c, 1 if c == "complete" else None) for c in COLUMNS))
+        db.execute(_INSERT, tuple(self.row.get(c, _DEFAULTS.get(c)) for c in COLUMNS))
         return 1
 
 

@@ -124,6 +124,7 @@ def healthz() -> tuple[Response, int]:
         "sandbox": rt.supervisor.layers,
         "profiles_error": rt.profiles.error,
         "history": rt.history.health(),  # this worker's: records lost, database errors
+        "preload": rt.supervisor.preload.report(),  # module -> ok, pending or failed: why (runner/preload.py)
         "error": None if pong else (rt.supervisor.last_error or "the fork server does not answer"),
         "fork_server_retrying": rt.supervisor.retrying,
         "worker_pid": os.getpid(),

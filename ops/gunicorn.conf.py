@@ -79,17 +79,27 @@ def on_exit(server):
     import shutil
 
     shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+    if os.geteuid() == 0:  # the egress table of our sandbox uids (runner/egress.py) goes with the server
+        from runner import egress
+        from runner.config import ConfigError, Settings
+
+        try:
+            egress.remove(Settings.from_env().uid_base)
+        except ConfigError:
+            pass
 
 
 def on_starting(server):
     _refuse_busy_address()
     # Refuse to start with an invalid profile folder, saying which file, key and why.
+    from gateway.console.config import ConsoleConfig
     from runner.config import ConfigError, Settings, max_calls_for
     from runner.profiles import ProfileError, load_profiles
 
     try:
         settings = Settings.from_env()
         pset = load_profiles(settings.profiles_dir)
+        console = ConsoleConfig.from_env()
     except (ProfileError, ConfigError) as e:
         print(f"fnbox: refusing to start: invalid configuration: {e}", file=sys.stderr)
         sys.exit(3)
@@ -104,6 +114,7 @@ def on_starting(server):
             (server.log.warning if warning else server.log.info)("fnbox: %s", line)
     except Exception as e:  # a report must never keep the server from starting
         server.log.warning("fnbox: cannot report the sandbox layers: %r", e)
+    server.log.info("%s", console.status_line())
 
 
 def post_worker_init(worker):
@@ -121,6 +132,9 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
     if rt is not None:
+        from gateway.async_routes import shutdown
+
+        shutdown(app)  # queued calls running here end (or go back to the queue) before the runner stops
         rt.supervisor.close()
         rt.history.close()
 

@@ -175,6 +175,16 @@ NETWORK_OFF_HINT = ("; this function's profile has network = false: its calls ru
                     "(docs/operators.md)")
 
 
+def _importable(top: str) -> bool:
+    """Whether a top-level module exists (`import pkg.nosuchsub` fails in an installed package: not missing)."""
+    if top in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _missing_package(exc: ModuleNotFoundError) -> str:
     top = (exc.name or "?").split(".")[0]
     return (f"No module named {top!r}: the function imports {top!r}, which is not installed. Add the package "
@@ -184,7 +194,8 @@ def _missing_package(exc: ModuleNotFoundError) -> str:
 
 def _failure(exc: BaseException, network: bool) -> dict[str, Any]:
     """The error frame of an exception raised by importing or calling the function."""
-    if isinstance(exc, ModuleNotFoundError) and not (exc.name or "").startswith(PACKAGE + "."):
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith(PACKAGE + ".") \
+            and not _importable(exc.name.split(".")[0]):
         return _error(outcomes.MISSING_DEPENDENCY, exc, _missing_package(exc))
     if not network and _is_network_error(exc):
         return _error(outcomes.FUNCTION_ERROR, exc, str(exc) + NETWORK_OFF_HINT)
@@ -219,8 +230,8 @@ def _serialize(resp: flask.Response, max_body: int) -> tuple[dict[str, Any], byt
     return {"kind": "response", "status": resp.status, "headers": headers}, b"".join(chunks)
 
 
-def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
-    global _main
+def read_request() -> dict[str, Any]:
+    """The call's request from stdin: its WSGI environ, and the function's [env] added to os.environ."""
     header, body = read_frame(0)
     # The profile's [env] comes from the gateway with the request, never through the fork server (see
     # runner.supervisor): the sandbox gave this process a minimal environment, the function's own is added here.
@@ -236,9 +247,14 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
         "wsgi.input_terminated": True,
         "fnbox.request_id": header.get("request_id"),
     })
+    return environ
+
+
+def import_function(functions_dir: str, name: str, profile: Profile) -> types.ModuleType | dict[str, Any]:
+    """The function's module, or the error frame that says why it cannot be imported."""
     deps.activate()
     try:
-        module = _load(functions_dir, name)
+        return _load(functions_dir, name)
     except ModuleNotFoundError as e:
         if e.name in (f"{PACKAGE}.{name}", PACKAGE):
             return _error(outcomes.NOT_FOUND, message=f"no function named {name!r}")
@@ -247,6 +263,12 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached while importing the function")
     except BaseException as e:
         return _failure(e, profile.network)
+
+
+def dispatch(module: types.ModuleType, functions_dir: str, name: str, profile: Profile,
+             environ: dict[str, Any]) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    """Runs the module's entry point on the request through Flask; the result frame (header, body)."""
+    global _main
     _main = entry_point(module, profile.entry_point)
     if _main is None:
         where = "" if profile.entry_point == "main" else " (the entry_point of its profile)"
@@ -264,6 +286,14 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached (MemoryError)")
     except BaseException as e:
         return _failure(e, profile.network)
+
+
+def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    environ = read_request()
+    module = import_function(functions_dir, name, profile)
+    if isinstance(module, dict):
+        return module
+    return dispatch(module, functions_dir, name, profile, environ)
 
 
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")

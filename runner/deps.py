@@ -6,15 +6,21 @@ The folder is put on a call's sys.path right after the functions folder; it is o
 world-readable, so a call (an unprivileged uid of its own) can import from it and never write to it.
 
 `functions_framework` comes from runner/compat unless the requirements install the real package, which wins.
+A call's file system view does not show the project tree, so the compat modules are read into memory in the
+fork server and served by an import finder placed after every other one (an installed package is found first).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
 
 REQUIREMENTS = "requirements.txt"
 COMPAT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat")
@@ -45,14 +51,46 @@ def _default_dir() -> str:
 SITE_PACKAGES = _default_dir()
 
 
+class CompatFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the compat modules (top-level packages of runner/compat) from sources read at start-up."""
+
+    def __init__(self, root: str = COMPAT_DIR) -> None:
+        self.sources: dict[str, tuple[str, str]] = {}  # module name -> (file name, source)
+        for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            init = os.path.join(root, entry, "__init__.py")
+            if entry.isidentifier() and os.path.isfile(init):
+                with open(init, encoding="utf-8") as f:
+                    self.sources[entry] = (init, f.read())
+
+    def find_spec(self, fullname: str, path: object = None,
+                  target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.sources:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self, origin=self.sources[fullname][0], is_package=True)
+        if spec is not None:
+            spec.submodule_search_locations = []
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        filename, source = self.sources[module.__name__]
+        module.__file__ = filename
+        exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
+
+
+COMPAT = CompatFinder()  # read in the fork server: calls inherit it
+
+
 def activate(path: str | None = None) -> None:
     """In a call's process: the deps folder after the functions folder (which _load() puts first), and the
-    compat folder last so that an installed functions-framework wins over ours."""
+    compat finder after every other finder, so that an installed functions-framework wins over ours."""
     path = path or SITE_PACKAGES
     if os.path.isdir(path) and path not in sys.path:
         sys.path.insert(1 if sys.path else 0, path)
-    if COMPAT_DIR not in sys.path:
-        sys.path.append(COMPAT_DIR)
+    if COMPAT not in sys.meta_path:
+        sys.meta_path.append(COMPAT)
 
 
 def install(requirements: str, data_dir: str, python: str | None = None, timeout: float = 900) -> str:

@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import psutil
 
-from runner import outcomes
+from runner import fsview, instances, outcomes, preload
 from runner.config import Settings
 from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
@@ -130,6 +130,7 @@ class ForkServer:
         self.spare_target = settings.spares
         self.data_base = 0
         self.running = True
+        self.instances = instances.InstancePool(self)  # performance hook: warm instances (reuse_calls > 1)
 
     # -- setup -------------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -149,15 +150,17 @@ class ForkServer:
         if orphans:
             self._janitor(None, orphans)
         send_msg(self.sock, {"op": "ready", "pid": os.getpid(), "layers": self.layers.describe()})
-        sel = selectors.DefaultSelector()
+        sel = self.sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         try:
             while self.running:
-                events = sel.select(self._timeout())
+                events = sel.select(self.instances.timeout(self._timeout()))
                 for key, _ in events:
                     if key.data == "control":
                         self._on_control()
+                    elif key.data == "instance":  # performance hook: a warm instance finished its call
+                        self.instances.on_message(key.fileobj)
                     else:
                         try:
                             os.read(wake_r, 4096)
@@ -166,6 +169,8 @@ class ForkServer:
                 self._reap()
                 self._settle()
                 self._check_limits()
+                self.instances.check_cpu()  # performance hook: warm calls' cpu_s, and idle_s
+                self.instances.expire()
                 if (not events and len(self.spares) < self.spare_target and self.running
                         and time.monotonic() >= self.spare_retry_at):
                     # Only when idle: a fork (~2 ms here) must never delay a call that is already waiting.
@@ -208,6 +213,8 @@ class ForkServer:
                                msg.get("message", "killed by the gateway"))
             elif msg.get("op") == "ping":
                 self._send({"op": "pong", "id": msg.get("id"), "calls": len(self.calls) + len(self.ending)})
+            elif msg.get("op") == "preload":  # performance hook: runner/preload.py
+                preload.handle(self, msg)
         finally:
             for fd in fds:  # the child has its own copies; ours must not keep the pipes open
                 os.close(fd)
@@ -224,6 +231,9 @@ class ForkServer:
         profile = Profile.from_dict(msg["profile"])
         if len(fds) != SPAWN_FDS:
             self._send({"op": "exit", "id": call_id, "outcome": Outcome.UNAVAILABLE, "message": "bad spawn"})
+            return
+        if instances.usable(profile, self.layers.root):  # performance hook: runner/instances.py
+            self.instances.spawn(msg, fds, profile)
             return
         spare = self._take_spare() if not profile.network else None
         while spare is not None:
@@ -322,6 +332,8 @@ class ForkServer:
             from runner import child
 
             child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
+            if slot.mntns is not None:  # and those of entering the file system view
+                fsview.prewarm(self.settings.functions_dir)
             assignment, fds = recv_msg(theirs, SPAWN_FDS)
             if assignment is None or len(fds) != SPAWN_FDS:
                 return ExitCode.OK  # the fork server is shutting down (or gone)
@@ -355,7 +367,8 @@ class ForkServer:
         while self.deadlines and self.deadlines[0][0] <= now:
             _, pid = heapq.heappop(self.deadlines)
             call = self.calls.get(pid)
-            if call is not None and call.killed is None:
+            # (deadline <= now: a warm instance's pid has one heap entry per call it served)
+            if call is not None and call.killed is None and call.deadline <= now:
                 self._kill(call, Outcome.TIMEOUT, f"wall-clock limit of {call.profile.timeout_s:g} s exceeded")
         for call in list(self.calls.values()):
             if call.killed is None and now - call.started >= POLL_INTERVAL:
@@ -447,6 +460,7 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            self.instances.reaped(pid)  # performance hook: an idle instance's slot is cleaned like a spare's
             call = self.calls.pop(pid, None)
             if call is not None:
                 self.by_id.pop(call.id, None)
@@ -545,6 +559,7 @@ class ForkServer:
         self.janitors[self._fork(clean, "cleanup")] = slot
 
     def _shutdown(self) -> None:
+        self.instances.close()
         while self.spares:
             self._drop_spare(self.spares.pop())
         for call in list(self.calls.values()):

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from runner.preload import preload_names
+
 DEFAULT_FILE = "default.toml"
 FUNCTIONS_FILE = "functions.toml"
 
@@ -52,17 +54,32 @@ class Profile:
     traceback: bool = False  # include the (user-frames) traceback in function_error bodies
     entry_point: str = "main"  # the module's function a call runs, as Cloud Functions' --entry-point
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Performance (runner/preload.py, runner/instances.py; docs/operators.md and docs/functions.md).
+    preload: tuple[str, ...] = ()  # installed modules the fork server imports before forking this profile's calls
+    reuse_calls: int = 1  # calls one warm process may serve (1: a fresh process per call)
+    idle_s: float = 60.0  # a warm process with no call for this long is ended
     profile: str = "default"  # which named profile this came from (informational)
+    # Queued calls (async and scheduled, see docs/cluster.md): attempts after the first, for calls ending in
+    # timeout/crashed/memory_limit/unavailable, the n-th retry waiting retry_backoff_s * 2**(n-1) seconds.
+    retries: int = 0
+    retry_backoff_s: float = 2.0
+    # A schedule (functions.toml tables only): a cron line in `timezone`, or a period in seconds ("30s" there).
+    schedule: str | None = None
+    every: float | None = None
+    timezone: str = "UTC"
+    catch_up: bool = False  # a tick missed while every board was down runs once when one is back
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["env"] = dict(self.env)
+        d["preload"] = list(self.preload)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Profile:
         d = dict(d)
         d["env"] = MappingProxyType(dict(d.get("env", {})))
+        d["preload"] = tuple(d.get("preload", ()))
         return cls(**d)
 
 
@@ -78,9 +95,61 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "max_response_kb": ((int,), 0),
     "max_log_kb": ((int,), 0),
     "max_concurrency": ((int,), 1),
+    "retries": ((int,), 0),
+    "retry_backoff_s": ((int, float), 0),
+    "reuse_calls": ((int,), 1),
+    "idle_s": ((int, float), 0.001),
 }
-_BOOLS = ("network", "traceback")
-PROFILE_KEYS = frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point"}
+_BOOLS = ("network", "traceback", "catch_up")
+# Keys that describe when a function runs, not how: only in a function's own table of functions.toml.
+SCHEDULE_KEYS = frozenset({"schedule", "every", "timezone", "catch_up"})
+PROFILE_KEYS = (frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point", "preload"}) - SCHEDULE_KEYS
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_EVERY_S = 1.0
+
+
+def parse_every(value: Any) -> float:
+    """ "30s", "5m", "2h", "1d" (or a number of seconds) -> seconds; ValueError if it is none of these."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and len(value) > 1 and value[-1] in _UNITS:
+        seconds = float(value[:-1]) * _UNITS[value[-1]]
+    else:
+        raise ValueError(value)
+    if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
+        raise ValueError(value)
+    return seconds
+
+
+def _check_schedule_value(path: str, key: str, value: Any) -> Any:
+    if key == "every":
+        try:
+            return parse_every(value)
+        except ValueError:
+            raise ProfileError(path, key, f'must be a period such as "30s", "5m", "2h" or "1d" (at least '
+                                          f'{MIN_EVERY_S:g} s), not {value!r}') from None
+    if key == "schedule":
+        from croniter import croniter
+
+        if not isinstance(value, str) or not croniter.is_valid(value):
+            raise ProfileError(path, key, f'must be a cron line such as "0 7 * * *", not {value!r}')
+        return value
+    if key == "timezone":
+        import zoneinfo
+
+        try:
+            if not isinstance(value, str) or not value:
+                raise ValueError(value)
+            zoneinfo.ZoneInfo(value)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise ProfileError(path, key, f'must be an IANA time zone such as "Europe/Paris", not {value!r}') \
+                from None
+        return value
+    if not isinstance(value, bool):
+        raise ProfileError(path, key, f"must be true or false, not {value!r}")
+    return value
 # Environment variables the sandbox always sets itself; a profile may not override them.
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "PWD"})
 
@@ -103,6 +172,11 @@ def _check_value(path: str, key: str, value: Any) -> Any:
             if k in RESERVED_ENV or "=" in k or not k:
                 raise ProfileError(path, f"env.{k}", "is reserved or not a valid variable name")
         return MappingProxyType(dict(value))
+    if key == "preload":
+        try:
+            return preload_names(value)
+        except ValueError as e:
+            raise ProfileError(path, key, str(e)) from None
     types, minimum = _NUMERIC[key]
     if isinstance(value, bool) or not isinstance(value, types):
         kind = "an integer" if types == (int,) else "a number"
@@ -119,7 +193,14 @@ def _check_table(path: str, table: Mapping[str, Any], allowed: frozenset[str]) -
     for key, value in table.items():
         if key not in allowed:
             raise ProfileError(path, key, f"unknown key (known: {', '.join(sorted(allowed))})")
-        out[key] = value if key == "profile" else _check_value(path, key, value)
+        if key == "profile":
+            out[key] = value
+        elif key in SCHEDULE_KEYS:
+            out[key] = _check_schedule_value(path, key, value)
+        else:
+            out[key] = _check_value(path, key, value)
+    if "schedule" in out and "every" in out:
+        raise ProfileError(path, "every", "a function has either `schedule` or `every`, not both")
     return out
 
 
@@ -146,6 +227,11 @@ class ProfileSet:
         extra = {k: v for k, v in over.items() if k != "profile"}
         return dataclasses.replace(base, **extra) if extra else base
 
+    def scheduled(self) -> dict[str, Profile]:
+        """Every function whose table in functions.toml has a `schedule` or an `every`."""
+        return {name: self.for_function(name) for name, over in self.overrides.items()
+                if "schedule" in over or "every" in over}
+
 
 def load_profiles(directory: str) -> ProfileSet:
     """Reads and validates every file of the folder; raises ProfileError on the first problem."""
@@ -170,7 +256,7 @@ def load_profiles(directory: str) -> ProfileSet:
         for fname, table in _read_toml(fpath).items():
             if not isinstance(table, dict):
                 raise ProfileError(fpath, fname, "must be a table, e.g. [hello]")
-            checked = _check_table(fpath, table, PROFILE_KEYS | {"profile"})
+            checked = _check_table(fpath, table, PROFILE_KEYS | SCHEDULE_KEYS | {"profile"})
             pname = checked.get("profile", "default")
             if not isinstance(pname, str) or pname not in profiles:
                 raise ProfileError(fpath, f"{fname}.profile", f"unknown profile {pname!r}")

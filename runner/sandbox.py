@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from runner import fsview, syscalls
+from runner import egress, fsview, syscalls
 from runner.cgroups import SlotCgroup, v1_base
 from runner.config import Settings
 from runner.locks import LockTable
@@ -93,6 +93,8 @@ class Layers:
     fsview_error: str = ""
     seccomp: bool = False
     cgroup_cpu: bool = False  # cpuacct per slot: cpu_s counts the whole process tree
+    egress: bool = False  # nftables: network=true calls reach out, never the host (runner/egress.py)
+    egress_error: str = ""
 
     def describe(self) -> dict[str, str]:
         def st(ok: bool, good: str, bad: str) -> str:
@@ -134,6 +136,10 @@ class Layers:
             "syscall_filter": st(self.seccomp, "seccomp (libseccomp): namespaces, mounts, ptrace, keyring, bpf, "
                                                "perf, io_uring, modules... fail with EPERM",
                                  "no syscall filter (libseccomp or pyseccomp missing)"),
+            "network_egress": st(self.egress, "network=true calls cannot reach the host: loopback and every "
+                                              "local address refuse the sandbox uids (nftables)",
+                                 "network=true calls can reach every service of the host (127.0.0.1 included): "
+                                 + (self.egress_error or "needs root and nft")),
             "cpu_cgroup": st(self.cgroup_cpu, "cpuacct per call: cpu_s counts every process of the call",
                              "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up"),
         }
@@ -153,8 +159,16 @@ def probe_layers(settings: Settings) -> Layers:
         userns = _can_unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
     view, view_error = _probe_view(settings) if root else (False, "")
     seccomp = syscalls.compile_program() is not None
+    out, out_error = False, ""
+    if root:
+        try:  # nft -c: checked against the kernel, nothing changed (the doctor calls this too)
+            egress.check(settings.uid_base, settings.slots)
+            out = True
+        except egress.EgressError as e:
+            out_error = str(e)
     return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns,
-                  fsview=view, fsview_error=view_error, seccomp=seccomp, cgroup_cpu=cpu)
+                  fsview=view, fsview_error=view_error, seccomp=seccomp, cgroup_cpu=cpu, egress=out,
+                  egress_error=out_error)
 
 
 def view_spec(settings: Settings, uid: int, cgroup_dirs: tuple[str, ...] = ()) -> fsview.ViewSpec:
@@ -211,6 +225,8 @@ class SlotPool:
         self.litter_dirs = _litter_dirs() if layers.root and not layers.fsview else []
         self._mntns_fds: dict[int, int] = {}
         self.seccomp = syscalls.compile_program() if layers.seccomp else None  # compiled once, loaded per call
+        if layers.egress:
+            egress.install_or_warn(settings.uid_base, settings.slots)
 
     def sweep(self) -> list[str]:
         """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with

@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from runner import outcomes
 from runner.config import REPO_ROOT, Settings
+from runner.instances import profile_digest
+from runner.preload import PreloadTracker
 from runner.profiles import Profile
 from runner.protocol import (
     MAX_HEADER,
@@ -223,8 +225,10 @@ class _ForkServerProcess:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, on_restart: Callable[[], object] | None = None) -> None:
+    def __init__(self, settings: Settings, on_restart: Callable[[], object] | None = None,
+                 preload_modules: Callable[[], Iterable[str]] | None = None) -> None:
         self.settings = settings
+        self.preload = PreloadTracker(preload_modules)  # performance hook: runner/preload.py
         self._on_restart = on_restart
         self._lock = threading.Lock()
         self._fs: _ForkServerProcess | None = None
@@ -293,6 +297,7 @@ class Supervisor:
             self._fs = fs
             threading.Thread(target=self._read_loop, args=(fs,), name="fnbox-forkserver-reader",
                              daemon=True).start()
+            self.preload.started(fs, self._ids)  # performance hook: its first job, before any call
         return self._fs
 
     def _fork_server(self) -> _ForkServerProcess:
@@ -369,6 +374,7 @@ class Supervisor:
     def call(self, inv: Invocation) -> CallResult:
         t0 = time.monotonic()
         fs = self._fork_server()
+        self.preload.ensure(fs, inv.profile.preload, self._ids)  # performance hook: a profile edit added some
         call_id = next(self._ids)
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -379,7 +385,9 @@ class Supervisor:
             # to the child over its stdin, below), no request, no result. Every child inherits the fork server's
             # memory, so whatever it ever held could be read by any later call.
             msg = {"op": "spawn", "id": call_id, "function": inv.function, "functions_dir": inv.functions_dir,
-                   "profile": dict(inv.profile.to_dict(), env={})}
+                   "profile": dict(inv.profile.to_dict(), env={}), "request_id": inv.request_id}
+            if inv.profile.reuse_calls > 1:  # performance hook: warm instances key on the whole profile
+                msg["profile_key"] = profile_digest(inv.profile)
             try:
                 fs.send(msg, [stdin_r, out_w, res_w])
             except OSError:

@@ -270,6 +270,7 @@ ATTACKS: list[Attack] = [
         import os, time
         def main(request):
             path = os.path.join(request.args["dir"], "daemon.log")
+            os.umask(0)  # the log stays writable for a later run of this attack under another sandbox uid
             if os.fork() == 0:
                 os.setsid()
                 if os.fork() == 0:  # double fork: reparented away from the call, in a session of its own

@@ -134,6 +134,21 @@ def test_a_hand_edit_after_a_deploy_becomes_a_version_and_survives_rollback(serv
                                                                 (4, "deploy")]
 
 
+@pytest.mark.timeout(60)
+def test_a_deploy_over_a_hand_placed_function_keeps_it_as_a_version(server, tmp_path):
+    server.write_function("placed", "def main(request):\n    return 'placed by hand'\n")
+    path = write(str(tmp_path / "placed.py"), "def main(request):\n    return 'deployed'\n")
+    assert ok(fnbox("deploy", path, url=server.url)).startswith("deployed placed version 2 ")
+    versions = json.loads(ok(fnbox("versions", "placed", "--json", url=server.url)))["versions"]
+    assert [(v["version"], v["origin"]) for v in versions] == [(1, "hand_edit"), (2, "deploy")]
+    assert ok(fnbox("rollback", "placed", url=server.url)) == "placed now runs version 1\n"
+    assert server.get("/function/placed").text == "placed by hand"
+    # The same content as the hand-placed file: nothing to keep, the deploy is version 1.
+    server.write_function("same", "def main(request):\n    return 'same'\n")
+    path = write(str(tmp_path / "same.py"), "def main(request):\n    return 'same'\n")
+    assert ok(fnbox("deploy", path, url=server.url)).startswith("deployed same version 1 ")
+
+
 # -- logs, limits ------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_logs_show_errors_and_filter(server):

@@ -7,6 +7,8 @@ import base64
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import zipfile
 
 import pytest
@@ -154,7 +156,13 @@ def build_wheel(folder: str, greeting: str) -> str:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(functions=GOOGLE_SAMPLES, profiles=PROFILES, env={"FNBOX_ADMIN_TOKEN": TOKEN})
+    # The data folder (where the deps are) outside /tmp: a call's view mounts a tmpfs of its own on /tmp, which
+    # would hide a deps folder below it (docs/functions.md, Dependencies). /var/lib, as a real install's /opt.
+    data = tempfile.mkdtemp(prefix="fnbox-test-deps-", dir="/var/lib")
+    os.chmod(data, 0o755)
+    s = Server(functions=GOOGLE_SAMPLES, profiles=PROFILES, env={"FNBOX_ADMIN_TOKEN": TOKEN, "FNBOX_DATA_DIR": data})
+    shutil.rmtree(s.data_dir)
+    s.data_dir = data  # removed by stop()
     s.start()
     yield s
     s.stop()

@@ -15,7 +15,7 @@ from tests.conftest import PYTHON, REPO
 
 LAYERS = ["uid_pool", "memory_cgroup", "pids_cgroup", "network_namespace", "ipc_namespace", "litter_sweep",
           "rlimits", "psutil_watchdog", "scratch_dir", "file_system_view", "own_processes", "disk_quota",
-          "syscall_filter", "cpu_cgroup"]
+          "syscall_filter", "network_egress", "cpu_cgroup"]
 ACCESS = ["runtime_readable", "venv_readable", "functions_readable", "profiles_private"]
 
 

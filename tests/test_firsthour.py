@@ -56,6 +56,12 @@ FUNCTIONS = {
             import fnbox_lazy_missing.sub
             return 'never'
     """,
+    "badsubmodule": """
+        import json.no_such_submodule
+
+        def main(request):
+            return 'never'
+    """,
     "secretive": """
         import os
 
@@ -127,6 +133,11 @@ def test_a_missing_package_names_it_and_says_how_to_install(server):
         assert doc["type"] == "ModuleNotFoundError"
         assert f"No module named '{package}'" in doc["message"]
         assert "requirements.txt" in doc["message"] and "fnbox deps install" in doc["message"]
+
+
+def test_a_missing_submodule_of_an_existing_package_is_a_function_error(server):
+    doc = assert_error(server.get("/function/badsubmodule"), 500, "function_error", "badsubmodule")
+    assert doc["type"] == "ModuleNotFoundError" and doc["message"] == "No module named 'json.no_such_submodule'"
 
 
 def test_no_main_is_a_500_and_entry_point_is_per_function(server):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -336,6 +338,9 @@ timeout_s = 30
 
 [sock_server]
 timeout_s = 30
+
+[egress]
+network = true
 """
 
 
@@ -352,7 +357,7 @@ def srv(marks_root: str) -> Any:
     functions = {"look": LOOK, "other": OTHER, "procs": PROCS, "writer": WRITER, "reader": READER,
                  "sock_server": SOCK_SERVER, "sock_client": SOCK_CLIENT, "syscalls": SYSCALLS,
                  "keyring": KEYRING, "spread_cpu": SPREAD_CPU, "spread_cpu_ok": SPREAD_CPU, "disk": DISK,
-                 "litter": LITTER, "hello": HELLO}
+                 "litter": LITTER, "hello": HELLO, "egress": EGRESS}
     s = Server(functions=functions, profiles={"functions.toml": LIMITS}, env={"FNBOX_ADMIN_TOKEN": TOKEN},
                threads=16)
     try:
@@ -598,3 +603,95 @@ def test_deep_trees_and_many_files_vanish_with_the_call(srv):
     assert r.json() == {"depth": 3000, "files": 100000}, r.text
     assert srv.get("/function/hello", timeout=10).text == "Hello World!"
     assert_nothing_left(ended)
+
+
+# -- network = true is egress, not the host --------------------------------------------------------------------
+EGRESS = """
+import socket
+def main(request):
+    out = {}
+    for name in ("server", "host_side", "outside"):
+        host, port = request.args[name].rsplit(":", 1)
+        s = socket.socket()
+        s.settimeout(3)
+        try:
+            s.connect((host, int(port)))
+            out[name] = s.recv(100).decode() or "connected"
+        except OSError as e:
+            out[name] = type(e).__name__
+        finally:
+            s.close()
+    return out
+"""
+
+OUTSIDE_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen(4)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello from outside")
+    c.close()
+"""
+
+
+class Outside:
+    """A stand-in for "the internet": a network namespace this test creates, joined to the host by a veth pair
+    (10.231.N.1 on the host, 10.231.N.2 inside), with a tiny TCP server inside. Removed afterwards."""
+
+    def __init__(self) -> None:
+        n = os.getpid() % 250
+        self.ns = f"fnbox-test-{os.getpid()}"
+        self.host_if, self.ns_if = f"fnbt{n}h", f"fnbt{n}n"
+        self.host_ip, self.ns_ip = f"10.231.{n}.1", f"10.231.{n}.2"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Outside:
+        for cmd in (["ip", "netns", "add", self.ns],
+                    ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
+                    ["ip", "link", "set", self.ns_if, "netns", self.ns],
+                    ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
+                    ["ip", "link", "set", self.host_if, "up"],
+                    ["ip", "-n", self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
+                    ["ip", "-n", self.ns, "link", "set", self.ns_if, "up"],
+                    ["ip", "-n", self.ns, "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-c", OUTSIDE_SERVER,
+                                      self.ns_ip], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_network_true_reaches_out_but_never_the_host(srv):
+    need(srv, "network_egress")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) is needed to make the test's own outside network")
+    with Outside() as out:
+        host_side = socket.socket()  # a host service on an address of this host (the test's veth end)
+        host_side.bind((out.host_ip, 0))
+        host_side.listen(4)
+        host_side.settimeout(0.01)
+        try:
+            r = srv.get("/function/egress", params={"server": f"127.0.0.1:{srv.port}",
+                                                    "host_side": f"{out.host_ip}:{host_side.getsockname()[1]}",
+                                                    "outside": f"{out.ns_ip}:{out.port}"})
+            with pytest.raises(OSError):
+                host_side.accept()  # the refused connection never arrived
+        finally:
+            host_side.close()
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["outside"] == "hello from outside", doc  # egress works
+    assert doc["server"] == "ConnectionRefusedError", doc  # Gunicorn's own port on 127.0.0.1
+    assert doc["host_side"] == "ConnectionRefusedError", doc  # any other address of the host
