@@ -27,7 +27,7 @@ from types import TracebackType
 from runner.locks import LockTable
 
 GLOBAL = "_all"  # not a valid function name, so it never collides with one
-FINISHING_WAIT = 1.0  # seconds a newcomer waits for calls that answered and are exiting
+FINISHING_WAIT = 2.0  # seconds a newcomer waits for calls that answered and are exiting
 _POLL = 0.005
 
 

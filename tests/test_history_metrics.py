@@ -268,8 +268,18 @@ def value(samples: list, name: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def in_flight_after_calls_end(server: Server, timeout: float = 10.0) -> float:
+    """fnbox_calls_in_flight once it reaches 0 (bounded): a call is in flight until its last process is gone,
+    which may be a moment after its answer."""
+    deadline = time.monotonic() + timeout
+    while (n := value(metrics(server), "fnbox_calls_in_flight")) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
 @pytest.mark.timeout(60)
 def test_metrics_count_calls_exactly_across_workers(server):
+    assert in_flight_after_calls_end(server) == 0
     before = metrics(server)
     kills_before = value(before, "fnbox_sandbox_kills_total", reason="timeout")
     assert value(before, "fnbox_calls_in_flight") == 0
@@ -291,12 +301,7 @@ def test_metrics_count_calls_exactly_across_workers(server):
     assert value(after, "fnbox_call_duration_seconds_bucket", function="m_loop", le="2.5") == 1
     assert value(after, "fnbox_call_duration_seconds_sum", function="m_loop") >= 1.0
     assert value(after, "fnbox_sandbox_kills_total", reason="timeout") == kills_before + 1
-    # A call is in flight until its last process is gone, which may be a moment after its answer.
-    deadline = time.monotonic() + 10
-    while value(after, "fnbox_calls_in_flight") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        after = metrics(server)
-    assert value(after, "fnbox_calls_in_flight") == 0
+    assert in_flight_after_calls_end(server) == 0
     # Both workers served these calls, so both workers' files were merged.
     pids = {requests.get(server.url + "/healthz", timeout=10).json()["worker_pid"] for _ in range(40)}
     assert len(pids) == 2
@@ -317,7 +322,7 @@ def test_in_flight_gauge_follows_a_call(server):
     finally:
         t.join(30)
     assert result[0].status_code == 200
-    assert value(metrics(server), "fnbox_calls_in_flight") == 0
+    assert in_flight_after_calls_end(server) == 0
 
 
 @pytest.mark.timeout(60)

@@ -33,6 +33,7 @@ def main(request):
     with open("mine.txt") as f:
         return {"tag": f.read(), "uid": os.getuid()}
 """
+SLOW_PROFILE = {"functions.toml": "[slow]\ntimeout_s = 40\n"}
 QUICK = "import os\ndef main(request):\n    return {'uid': os.getuid()}\n"
 
 
@@ -52,20 +53,21 @@ def wait_for(cond, timeout: float = 20.0, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_a_second_server_on_the_same_uids_never_touches_the_first_ones_calls(make_server, marks):
     functions = {"slow": SLOW, "quick": QUICK}
     env = {"FNBOX_SANDBOX_SLOTS": "4", "FNBOX_SPARES": "1"}
-    a = make_server(functions=functions, env=env).start()
+    a = make_server(functions=functions, env=env, profiles=SLOW_PROFILE).start()
     other_parent = CGROUP_PARENT + "-b"
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            slow = [pool.submit(a.get, "/function/slow", params={"tag": t, "marks": marks, "s": "8"}, timeout=30)
+            slow = [pool.submit(a.get, "/function/slow", params={"tag": t, "marks": marks, "s": "15"}, timeout=30)
                     for t in ("one", "two")]
             wait_for(lambda: len(os.listdir(marks)) == 2, what="both slow calls to run")
             # Same uids, its own state folder (the harness gives each server one) and its own cgroup parent: it
             # starts (and sweeps the slots nobody holds) and serves calls while a's calls hold two slots.
-            b = make_server(functions=functions, env=dict(env, FNBOX_CGROUP_PARENT=other_parent)).start()
+            b = make_server(functions=functions, env=dict(env, FNBOX_CGROUP_PARENT=other_parent),
+                            profiles=SLOW_PROFILE).start()
             answers = [b.get("/function/quick") for _ in range(12)]
             results = [f.result() for f in slow]
         for r in answers:
