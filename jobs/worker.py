@@ -188,6 +188,9 @@ class Executor:
             if outcome == outcomes.UNAVAILABLE and self._stop.is_set():
                 self._give_back(c, 0.0, "the worker stopped")
                 return
+            if outcome == outcomes.BUSY:  # every sandbox slot of the machine in use: wait, as for the caps
+                self._give_back(c, BUSY_RETRY_S, message or "busy")
+                return
         if outcome == outcomes.OK and result is not None:
             res = ok_result(result)
         else:
@@ -199,7 +202,8 @@ class Executor:
             res = error_result(outcome, message or outcome, name, c.request_id, **extra)
         finished = time.time()
         c.attempt_log.append({"attempt": c.attempts, "board": self.js.board, "started_at": started,
-                              "finished_at": finished, "outcome": outcome, "status": res["status"]})
+                              "finished_at": finished, "outcome": outcome, "status": res["status"],
+                              "message": message or None})
         c.outcome, c.message, c.ran_on = outcome, message or None, self.js.board
         if outcome in RETRYABLE and c.attempts < c.max_attempts:
             c.state, c.owner, c.lease_until, c.result = QUEUED, None, None, None
@@ -293,7 +297,7 @@ class Executor:
                 msg = "the worker running this call stopped (its process or board died)"
                 x.attempt_log.append({"attempt": x.attempts, "board": (owner or "?").split("/")[0],
                                       "started_at": x.started, "finished_at": now, "outcome": outcomes.UNAVAILABLE,
-                                      "status": 503})
+                                      "status": 503, "message": msg})
                 x.outcome, x.message, x.owner, x.lease_until = outcomes.UNAVAILABLE, msg, None, None
                 if x.attempts < x.max_attempts:
                     x.state, x.run_at = QUEUED, now
