@@ -94,7 +94,6 @@ class Executor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._workers: list[threading.Thread] = []
-        self.running = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,13 +151,10 @@ class Executor:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                 continue
-            self.running += 1
             try:
                 self.run(c)
             except Exception as e:
                 print(f"fnbox: queue: call {c.id} failed in the executor: {e!r}", file=sys.stderr)
-            finally:
-                self.running -= 1
 
     def run(self, c: Call) -> None:
         name = c.function
@@ -171,7 +167,7 @@ class Executor:
             profile = self.profiles.for_function(name)
             tokens = self.limiter.admit(name, profile.max_concurrency) if self.limiter is not None else ()
             if isinstance(tokens, str):
-                self._give_back(c, BUSY_RETRY_S, f"busy ({tokens} cap)")
+                self._give_back(c, BUSY_RETRY_S)
                 return
             inv = Invocation(name, self.settings.functions_dir, profile, c.environ, c.body, c.request_id)
             try:
@@ -186,10 +182,10 @@ class Executor:
                 outcome = outcomes.UNAVAILABLE
                 message = f"the sandbox cannot read function {name!r}"
             if outcome == outcomes.UNAVAILABLE and self._stop.is_set():
-                self._give_back(c, 0.0, "the worker stopped")
+                self._give_back(c, 0.0)
                 return
             if outcome == outcomes.BUSY:  # every sandbox slot of the machine in use: wait, as for the caps
-                self._give_back(c, BUSY_RETRY_S, message or "busy")
+                self._give_back(c, BUSY_RETRY_S)
                 return
         if outcome == outcomes.OK and result is not None:
             res = ok_result(result)
@@ -219,7 +215,8 @@ class Executor:
             return
         self._record(c, res["status"], outcome, message, (time.monotonic() - t0) * 1000, result)
 
-    def _give_back(self, c: Call, delay: float, why: str) -> None:
+    def _give_back(self, c: Call, delay: float) -> None:
+        """Back to the queue without costing an attempt: the call did not run (busy), or was cut by a stop."""
         c.state, c.owner, c.lease_until, c.started = QUEUED, None, None, None
         c.attempts -= 1
         c.run_at = time.time() + delay

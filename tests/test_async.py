@@ -237,3 +237,16 @@ def test_kill_9_of_a_fnbox_worker_mid_call_retries_the_call(make_server):
         stop_worker(second)
     assert call["status"] == "done" and call["attempts"] == 2, call
     assert [a["outcome"] for a in call["attempt_log"]] == ["unavailable", "ok"]
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"FNBOX_REDIS_URL": "redis://127.0.0.1:6379/0"}, "Redis without a password is refused"),
+    ({"FNBOX_CALLBACK_ALLOW": "127.0.0.1"}, "must be host:port"),
+    ({"FNBOX_QUEUE_MAX": "lots"}, "FNBOX_QUEUE_MAX"),
+])
+def test_bad_queue_settings_refuse_the_start(make_server, env, reason):
+    s = make_server(functions=FUNCTIONS, env=env)
+    s.start(wait=False)
+    assert s.proc.wait(30) == 3
+    assert reason in s.read_log()
+
