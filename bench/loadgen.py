@@ -34,7 +34,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("hello@8", "hello", threads=2, connections=8),
     Scenario("echo64k@8", "echo", threads=2, connections=8, post_json=True),
     Scenario("sleep100@32", "sleep100", threads=2, connections=32),
+    # A function that imports a heavy library (requests) at the top: fresh on fnbox, preloaded on fnbox-opt.
+    Scenario("webhook@8", "webhook", threads=2, connections=8),
 )
+# The scenarios the second fnbox server (fnbox-opt: the opt-in modes) runs: hello with reuse_calls = 1000 (warm
+# instances), webhook with preload = ["requests"].
+OPT_SCENARIOS = frozenset({"hello@1", "hello@8", "webhook@8"})
 
 
 @dataclass(frozen=True)

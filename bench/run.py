@@ -1,9 +1,9 @@
-"""fnbox benchmark: fnbox against the seed's in-process design and a naive spawn-per-call design.
+"""fnbox benchmark: fnbox against the seed's in-process design, a bare fork per call and a spawn per call.
 
-Usage: .venv/bin/python bench/run.py [--servers seed,spawn,fnbox] [--rounds N] [--duration S] [--quick]
+Usage: .venv/bin/python bench/run.py [--servers seed,floor,spawn,fnbox] [--rounds N] [--duration S] [--quick]
                                       [--no-write] [--keep-tmp]
 
-All three servers run side by side on free loopback ports under the same Gunicorn settings (gthread, the
+All four servers run side by side on free loopback ports under the same Gunicorn settings (gthread, the
 workers/threads defaults of ops/gunicorn.conf.py) and are driven by wrk in alternation, scenario by scenario,
 so slow drift of the machine (thermal, page cache, other tenants) hits every server alike. Results go to
 stdout and to the "Latest benchmark run" section of docs/performance.md.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import requests
-from loadgen import SCENARIOS, WrkResult, echo_body, run_wrk, write_scripts, wrk_binary
+from loadgen import OPT_SCENARIOS, SCENARIOS, Scenario, WrkResult, echo_body, run_wrk, write_scripts, wrk_binary
 from memstats import inflight_uss, tree_pss
 from report import MemoryRow, aggregate, machine_description, render, target_checks, write_doc
 from servers import Server, free_port, start, stop, wait_http_ok, wait_quiet
@@ -36,7 +36,9 @@ from servers import Server, free_port, start, stop, wait_http_ok, wait_quiet
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 GUNICORN_CONF = REPO / "ops" / "gunicorn.conf.py"
-ALL_SERVERS = ("seed", "spawn", "fnbox")
+ALL_SERVERS = ("seed", "floor", "spawn", "fnbox")
+# Started beside fnbox: the same server with the opt-in modes on (see OPT_TOML); it runs OPT_SCENARIOS only.
+OPT_SERVER = "fnbox-opt"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WARMUP = next(sc for sc in SCENARIOS if sc.key == "hello@8")
 INFLIGHT_FUNCTION = "sleep2"
@@ -52,6 +54,15 @@ max_concurrency = 32
 [sleep2]
 max_concurrency = 32
 """
+# fnbox-opt: warm instances for hello, the webhook's library preloaded. Nothing else differs from fnbox.
+OPT_TOML = """
+[hello]
+reuse_calls = 1000
+
+[webhook]
+preload = ["requests"]
+"""
+PRELOADED_LIBRARY = "requests"
 
 
 def log(msg: str) -> None:
@@ -131,6 +142,42 @@ def gunicorn_settings(workers: int | None, threads: int | None) -> GunicornSetti
     )
 
 
+def stdlib_deps(module: str) -> list[str]:
+    """The standard-library modules `module` imports that a fork server has not imported already.
+
+    A sandboxed call can import only what its uid can read, and where the interpreter lives in an unreadable home
+    (pyenv under /root, 0700, as on the benchmark machine) that excludes the standard library: whatever of it the
+    fork server did not import, a call cannot either. So fnbox's webhook profile preloads these few stdlib modules
+    (fnbox-opt's preloads the library itself, which brings them), and the fresh webhook pays for importing the
+    library and its site-packages dependencies, which is what a fresh call pays on any machine.
+    """
+    code = (
+        "import json, os, sys, sysconfig\n"
+        "import runner.forkserver\n"
+        "from runner import child\n"
+        "from runner.preload import preload_names\n"
+        "child.warm()\n"
+        "before = set(sys.modules)\n"
+        f"import {module}\n"
+        "paths = sysconfig.get_paths()\n"
+        "std = tuple(os.path.realpath(paths[k]) + os.sep for k in ('stdlib', 'platstdlib'))\n"
+        "site = tuple(os.path.realpath(paths[k]) + os.sep for k in ('purelib', 'platlib'))\n"
+        "out = []\n"
+        "for name in sorted(set(sys.modules) - before):\n"
+        "    f = os.path.realpath(getattr(sys.modules[name], '__file__', None) or '/')\n"
+        "    if f.startswith(std) and not f.startswith(site):\n"
+        "        try:\n"
+        "            out += preload_names([name])\n"
+        "        except ValueError:\n"
+        "            pass\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cannot list what {module} imports: {proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def prepare_workdir(tmp: Path) -> dict[str, Path]:
     """Lay out the functions package, the fnbox profiles dir, wrk scripts and a logs dir under tmp."""
     # mkdtemp makes the dir 0700, but fnbox runs each call as its own unprivileged uid, which must be able to
@@ -144,23 +191,32 @@ def prepare_workdir(tmp: Path) -> dict[str, Path]:
         shutil.copytree(repo_profiles, profiles, ignore=shutil.ignore_patterns("__pycache__"))
     else:
         profiles.mkdir()
-    (profiles / "functions.toml").write_text(FUNCTIONS_TOML)
+    deps = stdlib_deps(PRELOADED_LIBRARY)
+    (profiles / "functions.toml").write_text(FUNCTIONS_TOML + f"\n[webhook]\npreload = {json.dumps(deps)}\n")
+    # fnbox-opt: a copy of the same profiles with the opt-in modes on.
+    # Its own copy of the functions too: max_concurrency is counted per functions folder, so two servers serving
+    # one folder would take each other's places.
+    shutil.copytree(functions, tmp / "functions-opt")
+    opt_profiles = tmp / "profiles-opt"
+    shutil.copytree(profiles, opt_profiles)
+    (opt_profiles / "functions.toml").write_text(FUNCTIONS_TOML + OPT_TOML)
     logs = tmp / "logs"
     logs.mkdir()
     wrk_dir = tmp / "wrk"
     wrk_dir.mkdir()
-    return {"root": tmp, "functions": functions, "profiles": profiles, "logs": logs, "wrk": wrk_dir}
+    return {"root": tmp, "functions": functions, "profiles": profiles, "profiles-opt": opt_profiles, "logs": logs,
+            "wrk": wrk_dir, "preloaded": deps}
 
 
 def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) -> Server:
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FNBOX_")}
-    if name == "fnbox":
+    if name in ("fnbox", OPT_SERVER):
         env.update(
             FNBOX_BIND=f"127.0.0.1:{port}",
-            FNBOX_FUNCTIONS_DIR=str(paths["functions"]),
-            FNBOX_PROFILES_DIR=str(paths["profiles"]),
+            FNBOX_FUNCTIONS_DIR=str(paths["root"] / ("functions-opt" if name == OPT_SERVER else "functions")),
+            FNBOX_PROFILES_DIR=str(paths["profiles-opt" if name == OPT_SERVER else "profiles"]),
             FNBOX_WORKERS=str(settings.workers),
             FNBOX_THREADS=str(settings.threads),
         )
@@ -203,8 +259,12 @@ def check_answers(server: Server) -> None:
         ("GET", "hello?name=Ann", None, "Hello Ann!"),
         ("POST", "echo", small, small),
         ("GET", "sleep100", None, "ok"),
+        ("GET", "webhook?text=hi", None, {"method": "POST", "url": "https://chat.example.com/hooks/T000/B000",
+                                          "bytes": 14}),
     ]
     for method, path, body, expected in cases:
+        if server.name == "spawn" and path.startswith("webhook"):
+            continue  # spawn does not run the webhook scenario (see runs())
         r = requests.request(method, base + path, json=body, timeout=30)
         got = r.json() if isinstance(expected, dict) and r.status_code == 200 else r.text
         if r.status_code != 200 or got != expected:
@@ -262,25 +322,28 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
     scripts = write_scripts(paths["wrk"])
     servers: dict[str, Server] = {}
     try:
-        for name in names:
+        for name in [*names, *([OPT_SERVER] if "fnbox" in names else [])]:
             servers[name] = start_server(name, paths, settings)
         for name, srv in servers.items():
-            wait_http_ok(srv, "/healthz" if name == "fnbox" else "/function/hello", timeout_s=30)
+            wait_http_ok(srv, "/healthz" if name.startswith("fnbox") else "/function/hello", timeout_s=30)
             check_answers(srv)
             # A short warm-up so every worker has imported the functions and Flask's lazy bits before any
             # measurement; the seed would otherwise pay first-import costs inside round 1.
             run_wrk(f"{srv.base_url}/function/hello", WARMUP, scripts[WARMUP.key], 1.0)
             log(f"{name} ready: {srv.base_url}")
 
-        mem = {name: MemoryRow() for name in servers}
+        mem = {name: MemoryRow() for name in servers if name != OPT_SERVER}
         for name, srv in servers.items():
-            settle(srv)
-            mem[name].idle_warm = tree_pss(srv)
+            if name in mem:
+                settle(srv)
+                mem[name].idle_warm = tree_pss(srv)
 
         samples: dict[tuple[str, str], list[WrkResult]] = {}
         for rnd in range(1, args.rounds + 1):
             for sc in SCENARIOS:
                 for name, srv in servers.items():
+                    if not runs(sc, name):
+                        continue
                     url = f"{srv.base_url}/function/{sc.function}"
                     res = run_wrk(
                         url,
@@ -303,6 +366,8 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
         if calls < args.inflight_calls:
             log(f"note: in-flight calls capped at {calls} = workers x threads, the gateway's capacity")
         for name, srv in servers.items():
+            if name not in mem:
+                continue
             settle(srv)
             mem[name].idle_after = tree_pss(srv)
             if name != "seed":  # the seed runs calls on worker threads: nothing per call to measure
@@ -319,7 +384,16 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     load_after = background_cpu()
-    notes = [fnbox_outcomes(servers["fnbox"].log_path)] if "fnbox" in servers else []
+    notes = []
+    for name in ("fnbox", OPT_SERVER):
+        if name in servers:
+            notes.append(f"{name}: {fnbox_outcomes(servers[name].log_path)}")
+    if "fnbox" in servers:
+        notes.append(f"fnbox's webhook profile preloads the standard-library modules requests needs that the fork "
+                     f"server does not import already ({', '.join(paths['preloaded']) or 'none'}): this machine's "
+                     "interpreter lives under /root (0700), unreadable by sandbox uids, so a call can import only "
+                     "the stdlib modules its fork server imported. The fresh webhook pays for requests and its "
+                     "site-packages dependencies.")
 
     rows = {key: aggregate(vals) for key, vals in samples.items()}
     checks = target_checks(rows, mem)
@@ -327,13 +401,22 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
         {
             "Gunicorn": settings.describe(),
             "Runs": f"{args.rounds} round(s) x {args.duration:g} s per scenario and server, alternating",
-            "Servers": ", ".join(names),
+            "Servers": ", ".join([*names, *([OPT_SERVER] if OPT_SERVER in servers else [])]),
             "CPU busy outside the benchmark": f"{load_before:.0f} % before, {load_after:.0f} % after "
             "(all cores, over 1 s)",
         },
         wrk,
     )
-    return render(machine, rows, mem, checks, list(names), notes)
+    shown = [*names, *([OPT_SERVER] if OPT_SERVER in servers else [])]
+    return render(machine, rows, mem, checks, shown, notes)
+
+
+def runs(sc: Scenario, server: str) -> bool:
+    """Which server runs which scenario: fnbox-opt only its own; spawn not the webhook (a new interpreter
+    importing requests per call measures nothing new, for 15 s a round)."""
+    if server == OPT_SERVER:
+        return sc.key in OPT_SCENARIOS
+    return not (server == "spawn" and sc.key == "webhook@8")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -341,7 +424,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
-        help="comma-separated subset of seed,spawn,fnbox (default: all)",
+        help="comma-separated subset of seed,floor,spawn,fnbox (default: all)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds of all scenarios (default 3)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
@@ -360,7 +443,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [n for n in names if n not in ALL_SERVERS]
     if bad or not names:
         p.error(f"unknown server(s) {bad}; choose from {','.join(ALL_SERVERS)}")
-    # Keep the canonical order so tables and alternation read seed, spawn, fnbox whatever the flag's order.
+    # Keep the canonical order so tables and alternation read seed, floor, spawn, fnbox whatever the flag's order.
     args.names = [n for n in ALL_SERVERS if n in names]
     return args
 

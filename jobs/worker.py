@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from gateway.admission import Busy
 from jobs import callbacks
 from jobs.calls import (
     CB_DELIVERED,
@@ -165,19 +166,29 @@ class Executor:
             outcome, message = outcomes.NOT_FOUND, f"no function named {name!r}"
         else:
             profile = self.profiles.for_function(name)
-            tokens = self.limiter.admit(name, profile.max_concurrency) if self.limiter is not None else ()
-            if isinstance(tokens, str):
-                self._give_back(c, BUSY_RETRY_S)
-                return
+            ticket = None
+            if self.limiter is not None:
+                try:
+                    ticket = self.limiter.admit(name, profile.max_concurrency)
+                except Busy:
+                    self._give_back(c, BUSY_RETRY_S)
+                    return
             inv = Invocation(name, self.settings.functions_dir, profile, c.environ, c.body, c.request_id)
             try:
                 result = self.supervisor.call(inv)
                 outcome, message = result.outcome, result.message
             except Unavailable as e:
                 outcome, message = outcomes.UNAVAILABLE, str(e)
-            finally:
-                for token in tokens:
-                    self.limiter.release(token)
+            except BaseException:
+                if ticket is not None:
+                    ticket.release()
+                raise
+            if ticket is not None:
+                # As a sync call: the places are the call's until its last process is gone.
+                if result is None:
+                    ticket.release()
+                else:
+                    result.when_complete(ticket.release)
             if outcome == outcomes.NOT_FOUND:  # the gateway sees it, the sandbox does not: as the sync route
                 outcome = outcomes.UNAVAILABLE
                 message = f"the sandbox cannot read function {name!r}"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from runner.preload import preload_names
+
 DEFAULT_FILE = "default.toml"
 FUNCTIONS_FILE = "functions.toml"
 
@@ -43,13 +45,19 @@ class Profile:
     memory_mb: int = 128  # peak RSS of the call's process tree; also the kernel cgroup limit
     max_processes: int = 16  # processes and threads of the call at once
     max_file_mb: int = 16  # largest file the call may write (RLIMIT_FSIZE)
+    max_disk_mb: int = 64  # everything the call writes (its /tmp tmpfs, RAM charged to memory_mb); ENOSPC past it
     max_request_kb: int = 1024  # request body; more is 413 request_too_large
     max_response_kb: int = 4096  # response body; more is 502 output_limit
     max_log_kb: int = 64  # captured stdout/stderr kept; the rest is dropped and counted
     network: bool = False  # False: an empty network namespace (no route anywhere, not even loopback)
     max_concurrency: int = 8  # calls of this function in flight; more is 503 busy
-    traceback: bool = False  # include the traceback in function_error bodies
+    traceback: bool = False  # include the (user-frames) traceback in function_error bodies
+    entry_point: str = "main"  # the module's function a call runs, as Cloud Functions' --entry-point
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Performance (runner/preload.py, runner/instances.py; docs/operators.md and docs/functions.md).
+    preload: tuple[str, ...] = ()  # installed modules the fork server imports before forking this profile's calls
+    reuse_calls: int = 1  # calls one warm process may serve (1: a fresh process per call)
+    idle_s: float = 60.0  # a warm process with no call for this long is ended
     profile: str = "default"  # which named profile this came from (informational)
     # Queued calls (async and scheduled, see docs/cluster.md): attempts after the first, for calls ending in
     # timeout/crashed/memory_limit/unavailable, the n-th retry waiting retry_backoff_s * 2**(n-1) seconds.
@@ -64,12 +72,14 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["env"] = dict(self.env)
+        d["preload"] = list(self.preload)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Profile:
         d = dict(d)
         d["env"] = MappingProxyType(dict(d.get("env", {})))
+        d["preload"] = tuple(d.get("preload", ()))
         return cls(**d)
 
 
@@ -80,17 +90,20 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "memory_mb": ((int,), 16),
     "max_processes": ((int,), 1),
     "max_file_mb": ((int,), 0),
+    "max_disk_mb": ((int,), 1),
     "max_request_kb": ((int,), 0),
     "max_response_kb": ((int,), 0),
     "max_log_kb": ((int,), 0),
     "max_concurrency": ((int,), 1),
     "retries": ((int,), 0),
     "retry_backoff_s": ((int, float), 0),
+    "reuse_calls": ((int,), 1),
+    "idle_s": ((int, float), 0.001),
 }
 _BOOLS = ("network", "traceback", "catch_up")
 # Keys that describe when a function runs, not how: only in a function's own table of functions.toml.
 SCHEDULE_KEYS = frozenset({"schedule", "every", "timezone", "catch_up"})
-PROFILE_KEYS = (frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env"}) - SCHEDULE_KEYS
+PROFILE_KEYS = (frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point", "preload"}) - SCHEDULE_KEYS
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
 
@@ -146,6 +159,10 @@ def _check_value(path: str, key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ProfileError(path, key, f"must be true or false, not {value!r}")
         return value
+    if key == "entry_point":
+        if not isinstance(value, str) or not value.isidentifier():
+            raise ProfileError(path, key, f"must be the name of a function in the module, not {value!r}")
+        return value
     if key == "env":
         if not isinstance(value, dict):
             raise ProfileError(path, key, "must be a table of strings")
@@ -155,6 +172,11 @@ def _check_value(path: str, key: str, value: Any) -> Any:
             if k in RESERVED_ENV or "=" in k or not k:
                 raise ProfileError(path, f"env.{k}", "is reserved or not a valid variable name")
         return MappingProxyType(dict(value))
+    if key == "preload":
+        try:
+            return preload_names(value)
+        except ValueError as e:
+            raise ProfileError(path, key, str(e)) from None
     types, minimum = _NUMERIC[key]
     if isinstance(value, bool) or not isinstance(value, types):
         kind = "an integer" if types == (int,) else "a number"
@@ -309,8 +331,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def effective_table(pset: ProfileSet, names: list[str]) -> str:
-    cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_request_kb",
-            "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback"]
+    cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_disk_mb", "max_request_kb",
+            "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback", "entry_point"]
     rows = [["function", "profile", *cols, "env"]]
     for name in names:
         p = pset.for_function(name)

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.asynckit import enqueue, start_worker, stop_keeping_state, stop_worker, wait_call, wait_for
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED
 from tests.helpers import assert_error
 
 TOKEN = "async-test-token"
@@ -32,12 +32,14 @@ BINARY = """
     def main(request):
         return bytes(range(256)), 201, {"Content-Type": "application/octet-stream", "X-Kind": "bin"}
 """
-# Crashes while a flag file exists beside it: the test decides when it starts working.
-FLAKY = """
+# Crashes while a flag file exists: the test decides when it starts working. The flag is under SHARED, the
+# only host folder a call's file system view shows.
+FLAG = os.path.join(SHARED, f"async-flaky-{os.getpid()}.flag")
+FLAKY = f"""
     import os
 
     def main(request):
-        if os.path.exists(os.path.join(os.path.dirname(__file__), "flaky.flag")):
+        if os.path.exists({FLAG!r}):
             os._exit(3)
         return "recovered"
 """
@@ -136,7 +138,7 @@ def test_function_error_fails_without_retry_and_is_a_dead_letter(server):
 
 
 def test_crashes_are_retried_then_dead_lettered_then_requeued(server):
-    flag = os.path.join(server.functions_dir, "flaky.flag")
+    flag = FLAG
     with open(flag, "w"):
         os.chmod(flag, 0o644)
     cid = enqueue(server.url, "flaky")

@@ -16,8 +16,8 @@ import time
 import pytest
 import requests
 
-from tests.asynckit import stop_keeping_state, wait_call, wait_for
-from tests.conftest import Server
+from tests.asynckit import board_uid_base, stop_keeping_state, wait_call, wait_for
+from tests.conftest import SHARED, Server
 from tests.rediskit import RedisServer
 from tests.test_async_callbacks import Receiver
 from tests.test_nginx import NGINX, Nginx
@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.skipif(not NGINX or not shutil.which("redis-server"),
                                  reason="needs nginx and redis-server (ops/setup-system.sh installs them)")]
 TOKEN = "cluster-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Crashes while this flag exists; under SHARED, the only host folder a call's file system view shows.
+FLAG = os.path.join(SHARED, f"cluster-flaky-{os.getpid()}.flag")
 FUNCTIONS = {
     "echo": """
         import os
@@ -40,11 +42,12 @@ FUNCTIONS = {
             time.sleep(float(request.args.get("s", "0.3")))
             return "slow done"
     """,
-    "flaky": """
+    "flaky": f"""
         import os
+        FLAG_PATH = {FLAG!r}
 
         def main(request):
-            if os.path.exists(os.path.join(os.path.dirname(__file__), "flaky.flag")):
+            if os.path.exists(FLAG_PATH):
                 os._exit(3)
             return "recovered"
     """,
@@ -83,10 +86,9 @@ class Cluster:
         self.receiver = Receiver()
         self.boards: list[Server] = []
         for i in range(3):
-            # Own uids per board; the slot locks and cgroups stay machine-wide (one state dir), as one machine's
-            # sandbox slots must: two boards on one machine never hold the same slot.
+            # Own uids, state and data folders per board (the harness gives each server its own state dir).
             env = {"FNBOX_REDIS_URL": self.redis.url, "FNBOX_BOARD": f"b{i + 1}", "FNBOX_ADMIN_TOKEN": TOKEN,
-                   "FNBOX_UID_BASE": str(62000 + 300 * i), "FNBOX_ASYNC_CONCURRENCY": "3",
+                   "FNBOX_UID_BASE": str(board_uid_base(i)), "FNBOX_ASYNC_CONCURRENCY": "3",
                    "FNBOX_CALLBACK_ALLOW": f"127.0.0.1:{self.receiver.port}"}
             self.boards.append(Server(functions=FUNCTIONS, profiles=PROFILES, env=env, threads=16))
         for b in self.boards:
@@ -168,7 +170,7 @@ def test_callbacks_are_delivered(cluster):
 
 
 def test_retries_dead_letters_and_requeue_across_boards(cluster):
-    flags = [os.path.join(b.functions_dir, "flaky.flag") for b in cluster.boards]
+    flags = [FLAG]  # every board's calls see it: SHARED is bound into every call's view
     for f in flags:
         open(f, "w").close()
         os.chmod(f, 0o644)
