@@ -23,6 +23,7 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.asynckit import board_uid_base  # noqa: E402
 from tests.conftest import Server  # noqa: E402
 from tests.rediskit import RedisServer  # noqa: E402
 from tests.test_nginx import Nginx  # noqa: E402
@@ -95,7 +96,7 @@ def one_board(redis_url: str | None) -> tuple[Callable[[], None], str, Server]:
 def three_boards(redis_url: str) -> tuple[Callable[[], None], str, Server]:
     boards = [Server(functions=HELLO, env={"FNBOX_ADMIN_TOKEN": TOKEN, "FNBOX_QUEUE_MAX": "100000",
                                            "FNBOX_REDIS_URL": redis_url, "FNBOX_BOARD": f"b{i + 1}",
-                                           "FNBOX_UID_BASE": str(64000 + 300 * i), "FNBOX_SANDBOX_SLOTS": "64"},
+                                           "FNBOX_UID_BASE": str(board_uid_base(i))},
                      workers=2, threads=16).start() for i in range(3)]
     nginx = Nginx(f"127.0.0.1:{boards[0].port}", boards[0].profiles_dir)
     site = os.path.join(nginx.dir, "fnbox.conf")

@@ -151,6 +151,14 @@ def document() -> dict[str, Any]:
                 "responses": {"200": _ok("queued again", {"type": "object", "additionalProperties": True}),
                               "404": _error("`not_found`"), "409": _error("`not_failed`: only failed calls"),
                               **AUTH_ERRORS}}},
+            "/admin/cluster/calls": {"get": {
+                "tags": ["admin", "async"], "operationId": "cluster_calls",
+                "parameters": [{"name": "function", "in": "query", "required": True, "schema": {"type": "string"}},
+                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                           "maximum": 1000, "default": 50}}],
+                "summary": "A function's recent calls on every board (FNBOX_REDIS_URL), each labelled with its board",
+                "responses": {"200": _ok("the calls", {"type": "object", "additionalProperties": True}),
+                              "400": _error("`bad_request`"), **AUTH_ERRORS}}},
             "/admin/schedules": {"get": {
                 "tags": ["admin", "async"], "operationId": "schedules",
                 "summary": "Every scheduled function and its next runs (profiles' schedule keys)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass
 
 from runner.config import ConfigError
@@ -45,12 +46,18 @@ class JobSettings:
     def from_env(cls, env: dict[str, str] | None = None) -> JobSettings:
         env = dict(os.environ if env is None else env)
         allow = frozenset(_hostport(i.strip()) for i in env.get("FNBOX_CALLBACK_ALLOW", "").split(",") if i.strip())
+        redis_url = env.get("FNBOX_REDIS_URL") or None
+        if redis_url:
+            u = urllib.parse.urlsplit(redis_url)
+            if u.scheme not in ("redis", "rediss") or not u.password:
+                raise ConfigError("FNBOX_REDIS_URL must be redis://:PASSWORD@host:port/db (Redis without a "
+                                  "password is refused: see docs/cluster.md)")
         board = env.get("FNBOX_BOARD") or socket.gethostname()
         if not board.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(board) > 64:
             raise ConfigError(f"FNBOX_BOARD={board!r}: letters, digits, '-', '_' and '.' only, at most 64")
         return cls(
             board=board,
-            redis_url=env.get("FNBOX_REDIS_URL") or None,
+            redis_url=redis_url,
             queue_max=int(_num(env, "FNBOX_QUEUE_MAX", 10_000, 1)),
             concurrency=int(_num(env, "FNBOX_ASYNC_CONCURRENCY", 2, 0)),
             retention_s=_num(env, "FNBOX_CALLS_RETENTION_S", 7 * 86400, 1),

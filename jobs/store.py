@@ -142,13 +142,10 @@ class SqliteQueue:
             return True
 
     def get(self, call_id: str) -> Call | None:
-        db = self._connect()
         try:
-            row = db.execute("SELECT doc FROM calls WHERE id=?", (call_id,)).fetchone()
+            row = self._conn().execute("SELECT doc FROM calls WHERE id=?", (call_id,)).fetchone()
         except sqlite3.Error as e:
             raise QueueUnavailable(f"the queue database failed: {e}") from None
-        finally:
-            db.close()
         return Call.from_json(row[0]) if row else None
 
     def modify(self, call_id: str, fn: Callable[[Call], bool]) -> Call | None:
@@ -216,12 +213,11 @@ class SqliteQueue:
             return True
 
     def last_tick(self, function: str) -> float | None:
-        db = self._connect()
         try:
-            row = db.execute("SELECT last FROM schedule_marks WHERE function=?", (function,)).fetchone()
-            return row[0] if row else None
-        finally:
-            db.close()
+            row = self._conn().execute("SELECT last FROM schedule_marks WHERE function=?", (function,)).fetchone()
+        except sqlite3.Error as e:
+            raise QueueUnavailable(f"the queue database failed: {e}") from None
+        return row[0] if row else None
 
     def mark_tick(self, function: str, scheduled: float) -> None:
         with self._tx() as db:

@@ -95,7 +95,6 @@ class Executor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._workers: list[threading.Thread] = []
-        self.running = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,13 +152,10 @@ class Executor:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                 continue
-            self.running += 1
             try:
                 self.run(c)
             except Exception as e:
                 print(f"fnbox: queue: call {c.id} failed in the executor: {e!r}", file=sys.stderr)
-            finally:
-                self.running -= 1
 
     def run(self, c: Call) -> None:
         name = c.function
@@ -174,8 +170,8 @@ class Executor:
             if self.limiter is not None:
                 try:
                     ticket = self.limiter.admit(name, profile.max_concurrency)
-                except Busy as e:
-                    self._give_back(c, BUSY_RETRY_S, f"busy ({e.cap} cap)")
+                except Busy:
+                    self._give_back(c, BUSY_RETRY_S)
                     return
             inv = Invocation(name, self.settings.functions_dir, profile, c.environ, c.body, c.request_id)
             try:
@@ -197,7 +193,10 @@ class Executor:
                 outcome = outcomes.UNAVAILABLE
                 message = f"the sandbox cannot read function {name!r}"
             if outcome == outcomes.UNAVAILABLE and self._stop.is_set():
-                self._give_back(c, 0.0, "the worker stopped")
+                self._give_back(c, 0.0)
+                return
+            if outcome == outcomes.BUSY:  # every sandbox slot of the machine in use: wait, as for the caps
+                self._give_back(c, BUSY_RETRY_S)
                 return
         if outcome == outcomes.OK and result is not None:
             res = ok_result(result)
@@ -210,7 +209,8 @@ class Executor:
             res = error_result(outcome, message or outcome, name, c.request_id, **extra)
         finished = time.time()
         c.attempt_log.append({"attempt": c.attempts, "board": self.js.board, "started_at": started,
-                              "finished_at": finished, "outcome": outcome, "status": res["status"]})
+                              "finished_at": finished, "outcome": outcome, "status": res["status"],
+                              "message": message or None})
         c.outcome, c.message, c.ran_on = outcome, message or None, self.js.board
         if outcome in RETRYABLE and c.attempts < c.max_attempts:
             c.state, c.owner, c.lease_until, c.result = QUEUED, None, None, None
@@ -226,7 +226,8 @@ class Executor:
             return
         self._record(c, res["status"], outcome, message, (time.monotonic() - t0) * 1000, result)
 
-    def _give_back(self, c: Call, delay: float, why: str) -> None:
+    def _give_back(self, c: Call, delay: float) -> None:
+        """Back to the queue without costing an attempt: the call did not run (busy), or was cut by a stop."""
         c.state, c.owner, c.lease_until, c.started = QUEUED, None, None, None
         c.attempts -= 1
         c.run_at = time.time() + delay
@@ -304,7 +305,7 @@ class Executor:
                 msg = "the worker running this call stopped (its process or board died)"
                 x.attempt_log.append({"attempt": x.attempts, "board": (owner or "?").split("/")[0],
                                       "started_at": x.started, "finished_at": now, "outcome": outcomes.UNAVAILABLE,
-                                      "status": 503})
+                                      "status": 503, "message": msg})
                 x.outcome, x.message, x.owner, x.lease_until = outcomes.UNAVAILABLE, msg, None, None
                 if x.attempts < x.max_attempts:
                     x.state, x.run_at = QUEUED, now

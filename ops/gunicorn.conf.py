@@ -100,6 +100,9 @@ def on_starting(server):
         settings = Settings.from_env()
         pset = load_profiles(settings.profiles_dir)
         console = ConsoleConfig.from_env()
+        from jobs.config import JobSettings
+
+        JobSettings.from_env()  # the queue's settings (docs/cluster.md)
     except (ProfileError, ConfigError) as e:
         print(f"fnbox: refusing to start: invalid configuration: {e}", file=sys.stderr)
         sys.exit(3)

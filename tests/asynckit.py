@@ -16,6 +16,14 @@ from tests.conftest import Server
 FINAL = ("done", "failed")
 
 
+def board_uid_base(i: int) -> int:
+    """Sandbox uids of board i of this test process: apart from every other board, from the harness's own range
+    (tests/conftest.py: 400000 + ...) and from other test runs."""
+    from tests.conftest import SLOTS
+
+    return 3_000_000 + (os.getpid() % 4096) * SLOTS * 3 + i * SLOTS
+
+
 def wait_call(url: str, call_id: str, states: tuple[str, ...] = FINAL, timeout: float = 30.0,
               **kw: Any) -> dict[str, Any]:
     """Polls GET /calls/<id> (bounded) until the call is in one of `states`."""

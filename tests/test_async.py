@@ -239,3 +239,28 @@ def test_kill_9_of_a_fnbox_worker_mid_call_retries_the_call(make_server):
         stop_worker(second)
     assert call["status"] == "done" and call["attempts"] == 2, call
     assert [a["outcome"] for a in call["attempt_log"]] == ["unavailable", "ok"]
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"FNBOX_REDIS_URL": "redis://127.0.0.1:6379/0"}, "Redis without a password is refused"),
+    ({"FNBOX_CALLBACK_ALLOW": "127.0.0.1"}, "must be host:port"),
+    ({"FNBOX_QUEUE_MAX": "lots"}, "FNBOX_QUEUE_MAX"),
+])
+def test_bad_queue_settings_refuse_the_start(make_server, env, reason):
+    s = make_server(functions=FUNCTIONS, env=env)
+    s.start(wait=False)
+    assert s.proc.wait(30) == 3
+    assert reason in s.read_log()
+
+
+
+@pytest.mark.timeout(90)
+def test_a_graceful_stop_lets_a_running_queued_call_finish(make_server):
+    s = make_server(functions=FUNCTIONS, profiles=PROFILES, env={"FNBOX_ASYNC_CONCURRENCY": "1"}).start()
+    cid = enqueue(s.url, "sleepy?s=3")
+    wait_call(s.url, cid, states=("running",))
+    stop_keeping_state(s)  # SIGTERM: the worker stops claiming and waits for the call
+    s.env["FNBOX_ASYNC_CONCURRENCY"] = "0"  # nothing could run it again after the restart
+    s.start()
+    call = wait_call(s.url, cid, timeout=10)
+    assert call["status"] == "done" and call["attempts"] == 1 and call["result"]["body"] == "slept", call

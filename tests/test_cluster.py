@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.asynckit import stop_keeping_state, wait_call, wait_for
+from tests.asynckit import board_uid_base, stop_keeping_state, wait_call, wait_for
 from tests.conftest import SHARED, Server
 from tests.rediskit import RedisServer
 from tests.test_async_callbacks import Receiver
@@ -86,10 +86,9 @@ class Cluster:
         self.receiver = Receiver()
         self.boards: list[Server] = []
         for i in range(3):
-            # Own uids per board; the slot locks and cgroups stay machine-wide (one state dir), as one machine's
-            # sandbox slots must: two boards on one machine never hold the same slot.
+            # Own uids, state and data folders per board (the harness gives each server its own state dir).
             env = {"FNBOX_REDIS_URL": self.redis.url, "FNBOX_BOARD": f"b{i + 1}", "FNBOX_ADMIN_TOKEN": TOKEN,
-                   "FNBOX_UID_BASE": str(64000 + 300 * i), "FNBOX_SANDBOX_SLOTS": "64", "FNBOX_ASYNC_CONCURRENCY": "3",
+                   "FNBOX_UID_BASE": str(board_uid_base(i)), "FNBOX_ASYNC_CONCURRENCY": "3",
                    "FNBOX_CALLBACK_ALLOW": f"127.0.0.1:{self.receiver.port}"}
             self.boards.append(Server(functions=FUNCTIONS, profiles=PROFILES, env=env, threads=16))
         for b in self.boards:
@@ -255,10 +254,12 @@ def test_kill_9_of_a_board_under_load_loses_no_accepted_call(cluster):
              30, "board 3 running a call")
     stop_keeping_state(victim, hard=True)
     ids += [cluster.enqueue("slow?s=0.1") for _ in range(12)]  # nginx skips the dead board
-    for cid in ids:
-        call = wait_call(cluster.url, cid, timeout=60)
-        assert call["status"] == "done", call
-    victim.start()
+    try:
+        for cid in ids:
+            call = wait_call(cluster.url, cid, timeout=60)
+            assert call["status"] == "done", json.dumps(call, indent=1)
+    finally:
+        victim.start()
 
 
 @pytest.mark.timeout(120)
