@@ -66,7 +66,11 @@ FUNCTIONS = {
                 return "no route: " + type(e).__name__
     """,
 }
+FUNCTIONS["netprobe"] = FUNCTIONS["probe"]  # the same probe with network = true (its profile, below)
 PROFILES = {"functions.toml": """
+    [netprobe]
+    network = true
+
     [flaky]
     retries = 1
     retry_backoff_s = 0.1
@@ -154,11 +158,20 @@ def test_async_calls_through_nginx_complete_and_every_board_shows_them(cluster):
 
 
 def test_a_function_cannot_reach_redis(cluster):
-    # Default profile: network = false, an empty network namespace. (network = true: see docs/cluster.md.)
+    # Default profile: network = false, an empty network namespace.
     r = cluster.boards[0].get(f"/function/probe?port={cluster.redis.port}")
     assert r.status_code == 200 and r.text.startswith("no route"), r.text
     cid = cluster.enqueue(f"probe?port={cluster.redis.port}")
     assert wait_call(cluster.url, cid)["result"]["body"].startswith("no route")
+
+
+def test_a_function_with_the_network_on_cannot_reach_redis_either(cluster):
+    # network = true reaches out, never the host: the egress layer refuses the sandbox uids every local address.
+    layer = cluster.boards[0].get("/healthz").json()["sandbox"].get("network_egress", "")
+    if not str(layer).startswith("active"):
+        pytest.skip(f"network_egress layer not active on this machine: {layer}")
+    r = cluster.boards[1].get(f"/function/netprobe?port={cluster.redis.port}")
+    assert r.status_code == 200 and r.text.startswith("no route"), r.text
 
 
 def test_callbacks_are_delivered(cluster):
