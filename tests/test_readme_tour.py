@@ -18,7 +18,8 @@ from tests.conftest import REPO, free_port
 def tour_steps(readme: str) -> list[tuple[str, list[str]]]:
     """(command, expected output lines) for every `$ ` line of the tour's sh blocks; a heredoc's lines belong to
     its command."""
-    section = readme[readme.index("## A one-minute tour"):readme.index("## Errors")]
+    start = readme.index("## A one-minute tour")
+    section = readme[start:readme.index("\n## ", start)]  # up to the next section
     steps: list[tuple[str, list[str]]] = []
     for block in re.findall(r"```sh\n(.*?)```", section, re.S):
         lines = block.splitlines()
