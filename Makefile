@@ -5,7 +5,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench setup clean
+# `make run` writes the server's pid here (Gunicorn removes it on exit), so `make stop` needs no `ps`.
+PIDFILE ?= var/fnbox.pid
+
+.PHONY: run stop wait test lint bench setup clean
 
 $(VENV)/bin/python:
 	# --copies is not used: the venv's python is a symlink to the real binary, never a version-manager shim.
@@ -24,7 +27,21 @@ $(DEVSTAMP): $(STAMP) requirements-dev.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/gunicorn -c ops/gunicorn.conf.py
+	@mkdir -p $(dir $(PIDFILE))
+	$(VENV)/bin/gunicorn -c ops/gunicorn.conf.py --pid $(PIDFILE)
+
+# Returns once the server on $FNBOX_BIND answers /healthz (after `make run &`; a first run builds .venv/ first).
+wait:
+	@$(PYTHON) ops/wait_healthy.py
+
+# Stops the server `make run` started (in this checkout), gracefully: calls in flight finish first.
+stop:
+	@if [ ! -s $(PIDFILE) ]; then echo "fnbox: not running (no $(PIDFILE))"; exit 0; fi; \
+	pid=$$(cat $(PIDFILE)); \
+	if ! kill -0 "$$pid" 2>/dev/null; then echo "fnbox: not running (stale $(PIDFILE))"; rm -f $(PIDFILE); exit 0; fi; \
+	kill -TERM "$$pid"; \
+	for i in $$(seq 600); do kill -0 "$$pid" 2>/dev/null || { echo "fnbox: stopped (pid $$pid)"; exit 0; }; sleep 0.1; done; \
+	echo "fnbox: pid $$pid still running after 60 s" >&2; exit 1
 
 test: $(DEVSTAMP)
 	bash ops/setup-system.sh
@@ -37,6 +54,7 @@ lint: $(DEVSTAMP)
 bench: $(DEVSTAMP)
 	bash ops/setup-system.sh
 	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/async_bench.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,16 +1,20 @@
 """`fnbox`: the command line for operators and function authors.
 
 Remote commands talk to a running server (`--url`, default $FNBOX_URL or http://127.0.0.1:8000) with the
-admin token from $FNBOX_ADMIN_TOKEN. `fnbox run` needs no server: it runs a file's main() once in exactly the
-sandbox a server would use. Errors are one line on stderr and a non-zero exit code.
+admin token from $FNBOX_ADMIN_TOKEN. `fnbox run` and `fnbox check` need no server: `run` runs a file's or a
+package folder's main() once in exactly the sandbox a server would use. Errors are one line on stderr and exit
+status 1 (2 for a wrong command line).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
+import mimetypes
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -19,6 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from typing import Any
 
 
@@ -33,7 +38,8 @@ def _http(args: argparse.Namespace, method: str, path: str, body: bytes | None =
     if admin:
         token = os.environ.get("FNBOX_ADMIN_TOKEN")
         if not token:
-            raise CliError("FNBOX_ADMIN_TOKEN is not set (the admin API needs it)")
+            raise CliError("FNBOX_ADMIN_TOKEN is not set: export the token the server was started with "
+                           "(its FNBOX_ADMIN_TOKEN)")
         hdrs["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method, headers=hdrs)
     try:
@@ -51,9 +57,11 @@ def _api(args: argparse.Namespace, method: str, path: str, body: bytes | None = 
     try:
         doc = json.loads(data) if data else {}
     except ValueError:
-        raise CliError(f"{method} {path}: HTTP {status}: {data[:200]!r}") from None
+        raise CliError(f"{method} {path}: HTTP {status}: {data[:200]!r} (is {args.url} an fnbox server?)") from None
     if status >= 400:
         where = f" (line {doc['line']})" if doc.get("line") else ""
+        if doc.get("output"):
+            print(doc["output"].rstrip("\n"), file=sys.stderr)
         raise CliError(f"{doc.get('error', status)}: {doc.get('message', '')}{where}")
     return doc
 
@@ -87,8 +95,28 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             data = f.read()
         default = os.path.basename(path).split(".", 1)[0]
     name = args.name or default
+    if not args.name and not (name.isidentifier() and not name.startswith("_")):
+        fixed = re.sub(r"\W", "_", name).lstrip("_") or "my_function"
+        fixed = fixed if fixed.isidentifier() else "f_" + fixed
+        raise CliError(f"invalid_name: {name!r} (from {os.path.basename(path)}) is not a valid function name: a "
+                       f"Python identifier not starting with _; deploy it as `fnbox deploy {path} --name {fixed}`")
     doc = _api(args, "PUT", f"/admin/functions/{urllib.parse.quote(name)}", data)
     print(f"deployed {name} version {doc['version']} ({doc['kind']}, {doc['size']} bytes)")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    doc = _api(args, "GET", f"/admin/functions/{urllib.parse.quote(args.name)}/versions")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows: list[list[Any]] = [["", "VERSION", "KIND", "DEPLOYED", "SIZE", "ORIGIN"]]
+    for v in doc["versions"]:
+        rows.append(["*" if v["version"] == doc["current"] else "", v["version"], v["kind"], v["deployed"],
+                     v["size"], v.get("origin", "deploy")])
+    print(_table(rows))
+    if doc["current"] is None:
+        print(f"({args.name} is not in the functions folder: `fnbox rollback {args.name}` brings the newest back)")
     return 0
 
 
@@ -100,8 +128,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    _api(args, "DELETE", f"/admin/functions/{urllib.parse.quote(args.name)}")
-    print(f"removed {args.name}")
+    doc = _api(args, "DELETE", f"/admin/functions/{urllib.parse.quote(args.name)}")
+    if doc.get("kept_version"):
+        print(f"removed {args.name} (kept as version {doc['kept_version']}: `fnbox rollback {args.name}` brings it "
+              "back)")
+    else:
+        print(f"removed {args.name} (its versions are kept: `fnbox rollback {args.name}` brings the newest back)")
     return 0
 
 
@@ -125,12 +157,45 @@ def cmd_limits(args: argparse.Namespace) -> int:
     if not match:
         raise CliError(f"not_found: no function named {args.name!r}")
     limits = match[0]["limits"]
+    limits["env"] = {k: "***" for k in limits.get("env", {})}  # a server of 0.1 sent the values
     if args.json:
         print(json.dumps(limits, indent=2))
     else:
         print(_table([["KEY", "VALUE"], *([k, json.dumps(v) if isinstance(v, dict | bool) else v]
                                           for k, v in limits.items())]))
     return 0
+
+
+def _multipart(fields: list[str]) -> tuple[bytes, str]:
+    """-F name=value / name=@file (as curl -F): a multipart/form-data body and its Content-Type."""
+    boundary = "fnbox-" + uuid.uuid4().hex
+    out = io.BytesIO()
+    for item in fields:
+        if "=" not in item:
+            raise CliError(f"-F takes name=value or name=@file, not {item!r}")
+        key, value = item.split("=", 1)
+        out.write(f"--{boundary}\r\n".encode())
+        if value.startswith("@"):
+            path = value[1:]
+            with open(path, "rb") as f:
+                content = f.read()
+            ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+            out.write(f'Content-Disposition: form-data; name="{key}"; filename="{os.path.basename(path)}"\r\n'
+                      f"Content-Type: {ctype}\r\n\r\n".encode())
+            out.write(content)
+        else:
+            out.write(f'Content-Disposition: form-data; name="{key}"\r\n\r\n'.encode() + value.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def _looks_like_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return data.strip()[:1] in (b"{", b"[")
 
 
 def _request_parts(args: argparse.Namespace) -> tuple[str, bytes | None, dict[str, str]]:
@@ -145,13 +210,23 @@ def _request_parts(args: argparse.Namespace) -> tuple[str, bytes | None, dict[st
             raise CliError(f"-H takes 'Name: value', not {item!r}")
         k, v = item.split(":", 1)
         headers[k.strip()] = v.strip()
+    has_type = any(k.lower() == "content-type" for k in headers)
     data = None
+    if args.data is not None and args.form:
+        raise CliError("-d and -F cannot be used together (a body is either data or a form)")
     if args.data is not None:
         if args.data.startswith("@"):
             with open(args.data[1:], "rb") as f:
                 data = f.read()
         else:
             data = args.data.encode()
+        if not has_type and _looks_like_json(data):
+            # curl would say application/x-www-form-urlencoded: JSON is what a function reading get_json() wants.
+            headers["Content-Type"] = "application/json"
+    elif args.form:
+        data, ctype = _multipart(args.form)
+        if not has_type:
+            headers["Content-Type"] = ctype
     return urllib.parse.urlencode(query), data, headers
 
 
@@ -191,17 +266,51 @@ def _print_calls(calls: list[dict[str, Any]]) -> None:
         if c.get("output"):
             for line in c["output"].rstrip("\n").splitlines():
                 print(f"    | {line}")
+        if c["outcome"] != "ok":
+            if c.get("traceback"):
+                for line in c["traceback"].rstrip("\n").splitlines():
+                    print(f"    ! {line}")
+            elif c.get("message"):
+                what = c.get("error_type") or c["outcome"]
+                print(f"    ! {what}: {c['message']}")
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """`30s`, `10m`, `2h`, `1d` ago, or a local date/time `2026-12-03` / `2026-12-03T08:00[:00]`: unix time."""
+    now = time.time() if now is None else now
+    m = _DURATION.match(value.strip())
+    if m:
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return time.mktime(time.strptime(value.strip(), fmt))
+        except ValueError:
+            continue
+    raise CliError(f"--since takes a duration (30s, 10m, 2h, 1d) or a local time (2026-12-03T08:00), not {value!r}")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     name = urllib.parse.quote(args.name)
-    doc = _api(args, "GET", f"/admin/functions/{name}/calls?limit={args.n}")
+    if args.all_boards:  # several boards: every board's calls, labelled (docs/cluster.md)
+        from cli.queue_cmds import print_board_calls
+
+        return print_board_calls(args, _api(args, "GET", f"/admin/cluster/calls?function={name}&limit={args.n}"))
+    query = {"errors": "1"} if args.errors else {}
+    if args.since:
+        query["since"] = repr(parse_since(args.since))
+    doc = _api(args, "GET", f"/admin/functions/{name}/calls?" + urllib.parse.urlencode({**query, "limit": args.n}))
     calls = list(reversed(doc["calls"]))
     _print_calls(calls)
+    if not calls and not args.follow:
+        print(f"(no {'failed ' if args.errors else ''}calls of {args.name}"
+              f"{' since ' + args.since if args.since else ''} in the history)", file=sys.stderr)
     last = calls[-1]["id"] if calls else 0
     while args.follow:
         time.sleep(1.0)
-        doc = _api(args, "GET", f"/admin/functions/{name}/calls?limit=1000")
+        doc = _api(args, "GET", f"/admin/functions/{name}/calls?" + urllib.parse.urlencode({**query, "limit": 1000}))
         new = [c for c in reversed(doc["calls"]) if c["id"] > last]
         _print_calls(new)
         if new:
@@ -211,9 +320,40 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from runner import profiles
+    from runner import checks, profiles
 
-    return profiles.main(["check", "--profiles", args.profiles, "--functions", args.functions])
+    pset, problems = checks.check(args.profiles, args.functions)
+    if pset is not None:
+        names = sorted(set(profiles.function_names(args.functions)) | set(pset.overrides))
+        print(profiles.effective_table(pset, names or ["(default)"]))
+    for p in problems:  # one line each, file:line: reason, as a compiler says it
+        print(p, file=sys.stderr)
+    if problems:
+        return 1
+    n = len(profiles.function_names(args.functions))
+    print(f"ok: {len(pset.profiles) if pset else 0} profiles, {len(pset.overrides) if pset else 0} function "
+          f"overrides, {n} functions checked")
+    return 0
+
+
+def cmd_deps(args: argparse.Namespace) -> int:
+    args.timeout = max(args.timeout, 900.0)  # pip may download and build for minutes
+    if args.action == "install":
+        if args.file:
+            with open(args.file, "rb") as f:
+                doc = _api(args, "PUT", "/admin/deps", f.read())
+        else:
+            doc = _api(args, "POST", "/admin/deps/install")
+        print(f"installed: {', '.join(doc['installed']) or '(nothing)'}")
+        return 0
+    doc = _api(args, "GET", "/admin/deps")
+    if doc["requirements"] is None:
+        print("no requirements.txt in the functions folder (`fnbox deps install requirements.txt` deploys one)")
+    else:
+        print("requirements.txt:")
+        print("\n".join("    " + line for line in doc["requirements"].rstrip("\n").splitlines()))
+    print(f"installed in {doc['path']}: {', '.join(doc['installed']) or '(nothing)'}")
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -222,16 +362,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(["--strict"] * args.strict + ["--json"] * args.json)
 
 
+def _result_doc(result: Any) -> dict[str, Any]:
+    """A CallResult as JSON: its public fields (the private exit waiter is not data), bytes as text."""
+    doc = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if not f.name.startswith("_")}
+    doc["body"] = result.body.decode("utf-8", "replace")
+    doc["output"] = result.output.decode("utf-8", "replace")
+    return doc
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Runs FILE's main() once in the same sandbox a server would use, and prints everything about the call."""
+    """Runs FILE's (or a package FOLDER's) main() once in the same sandbox a server would use, and prints
+    everything about the call."""
     from werkzeug.test import EnvironBuilder
 
     from runner.config import Settings
     from runner.profiles import ProfileError, load_profiles
     from runner.supervisor import Invocation, Supervisor, Unavailable
 
-    if not os.path.isfile(args.file):
-        raise CliError(f"no such file: {args.file}")
+    package = os.path.isdir(args.file)
+    if package and not os.path.isfile(os.path.join(args.file, "__init__.py")):
+        raise CliError(f"{args.file} is a folder without __init__.py: a package function defines main() there")
+    if not package and not os.path.isfile(args.file):
+        raise CliError(f"no such file or folder: {args.file}")
     try:
         pset = load_profiles(args.profiles)
     except ProfileError as e:
@@ -239,7 +391,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile not in pset.profiles:
         raise CliError(f"unknown profile {args.profile!r} (known: {', '.join(sorted(pset.profiles))})")
     profile = pset.profiles[args.profile]
-    name = os.path.basename(args.file).split(".", 1)[0]
+    if args.entry_point:
+        if not args.entry_point.isidentifier():
+            raise CliError(f"--entry-point takes a function name, not {args.entry_point!r}")
+        profile = dataclasses.replace(profile, entry_point=args.entry_point)
+    base = os.path.basename(os.path.normpath(args.file))
+    name = base if package else base.split(".", 1)[0]
     if not name.isidentifier() or name.startswith("_"):
         name = "snippet"
     qs, data, headers = _request_parts(args)
@@ -255,8 +412,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     fdir = tempfile.mkdtemp(prefix="fnbox-run-", dir="/tmp")
     os.chmod(fdir, 0o755)
     try:
-        shutil.copyfile(args.file, os.path.join(fdir, name + ".py"))
-        os.chmod(os.path.join(fdir, name + ".py"), 0o644)
+        if package:
+            shutil.copytree(args.file, os.path.join(fdir, name), symlinks=False,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            for root, dirs, files in os.walk(os.path.join(fdir, name)):
+                for d in dirs:
+                    os.chmod(os.path.join(root, d), 0o755)
+                for f in files:
+                    os.chmod(os.path.join(root, f), 0o644)
+            os.chmod(os.path.join(fdir, name), 0o755)
+        else:
+            shutil.copyfile(args.file, os.path.join(fdir, name + ".py"))
+            os.chmod(os.path.join(fdir, name + ".py"), 0o644)
         open(os.path.join(fdir, "__init__.py"), "w").close()
         sup = Supervisor(Settings.from_env())
         try:
@@ -270,10 +437,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(fdir, ignore_errors=True)
     if args.json:
-        doc = {k: v for k, v in vars(result).items() if k not in ("body", "output")}
-        doc["body"] = result.body.decode("utf-8", "replace")
-        doc["output"] = result.output.decode("utf-8", "replace")
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(_result_doc(result), indent=2))
         return 0 if result.outcome == "ok" else 1
     print(f"outcome:  {result.outcome}" + (f" ({result.message})" if result.message else ""))
     if result.status:
@@ -302,63 +466,126 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------------------------------
 def _request_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-X", "--method")
-    p.add_argument("-q", "--query", action="append", metavar="K=V")
-    p.add_argument("-d", "--data", metavar="DATA|@FILE")
-    p.add_argument("-H", "--header", action="append", metavar="NAME:VALUE")
+    g = p.add_argument_group("request")
+    g.add_argument("-X", "--method", help="HTTP method (default: GET, or POST when a body is given)")
+    g.add_argument("-q", "--query", action="append", metavar="K=V",
+                   help="a query string parameter; repeat for more (-q a=1 -q a=2)")
+    g.add_argument("-d", "--data", metavar="DATA|@FILE",
+                   help="the request body, or @FILE for a file's bytes; JSON data is sent as application/json "
+                        "unless -H sets a Content-Type")
+    g.add_argument("-F", "--form", action="append", metavar="NAME=VALUE|NAME=@FILE",
+                   help="a multipart/form-data field, or a file upload with @FILE (as curl -F); repeat for more")
+    g.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="a request header; repeat for more")
+
+
+def _remote(sub: argparse._SubParsersAction, name: str, **kw: Any) -> argparse.ArgumentParser:
+    """A command that talks to a server: --url and --timeout are accepted after it too."""
+    p = sub.add_parser(name, **kw)
+    p.add_argument("--url", default=argparse.SUPPRESS,
+                   help="the server's base URL (default: $FNBOX_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                   help="seconds to wait for the server's answer (default 60)")
+    return p
+
+
+EPILOG = """environment:
+  FNBOX_URL           the server's base URL when --url is not given (default http://127.0.0.1:8000)
+  FNBOX_ADMIN_TOKEN   the admin API's token: the same value the server was started with (deploy, versions,
+                      rollback, rm, ls, limits, logs, deps); `invoke` does not need it
+  FNBOX_PROFILES_DIR  the profiles folder for `run` and `check` (default ./sandbox_profiles of the checkout)
+  FNBOX_FUNCTIONS_DIR the functions folder for `check` (default ./functions of the checkout)
+
+`fnbox COMMAND --help` explains each command. From a laptop, reach a server's admin port through an ssh tunnel:
+docs/operators.md, "Deploying from another machine"."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fnbox", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default=os.environ.get("FNBOX_URL", "http://127.0.0.1:8000"))
-    ap.add_argument("--timeout", type=float, default=60.0)
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("deploy", help="deploy a module file or a package folder")
-    p.add_argument("file")
-    p.add_argument("--name")
+    ap = argparse.ArgumentParser(prog="fnbox", description=__doc__.split("\n\n")[0].strip('"'), epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=os.environ.get("FNBOX_URL", "http://127.0.0.1:8000"),
+                    help="the server's base URL (default: $FNBOX_URL, else http://127.0.0.1:8000)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server's answer (default 60)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _remote(sub, "deploy", help="deploy a module file or a package folder (a new version)",
+                description="Deploys FILE (one module) or FOLDER (a package with __init__.py) as a new version of "
+                            "the function; calls switch to it atomically. `fnbox rollback NAME` goes back.")
+    p.add_argument("file", metavar="FILE|FOLDER", help="my_func.py, or a folder holding __init__.py")
+    p.add_argument("--name", help="the function's name in /function/NAME (default: the file or folder name "
+                                  "without .py; must be a Python identifier)")
     p.set_defaults(fn=cmd_deploy)
-    p = sub.add_parser("rollback", help="go back to the previous (or a given) version")
-    p.add_argument("name")
-    p.add_argument("--version", type=int)
+    p = _remote(sub, "versions", help="a function's deployed versions (* marks the one serving)")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    p.set_defaults(fn=cmd_versions)
+    p = _remote(sub, "rollback", help="serve the previous (or a given) version again")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("--version", type=int, metavar="N", help="the version to serve (default: the one before "
+                                                             "the current; see `fnbox versions NAME`)")
     p.set_defaults(fn=cmd_rollback)
-    p = sub.add_parser("rm", help="remove a function")
-    p.add_argument("name")
+    p = _remote(sub, "rm", help="remove a function (its versions are kept; rollback brings it back)")
+    p.add_argument("name", help="the function's name")
     p.set_defaults(fn=cmd_rm)
-    p = sub.add_parser("ls", help="list functions")
-    p.add_argument("--json", action="store_true")
+    p = _remote(sub, "ls", help="list functions with their version, limits and call counts")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     p.set_defaults(fn=cmd_ls)
-    p = sub.add_parser("limits", help="a function's effective limits")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p = _remote(sub, "limits", help="a function's effective limits ([env] values are masked)")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(fn=cmd_limits)
-    p = sub.add_parser("invoke", help="call a function over HTTP")
-    p.add_argument("name")
-    p.add_argument("path", nargs="?")
+    p = _remote(sub, "invoke", help="call a function over HTTP, as curl would")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("path", nargs="?", help="the sub-path after /function/NAME/ (request.view_args['subpath'])")
     p.add_argument("-i", "--include", action="store_true", help="print the status and headers")
     _request_options(p)
     p.set_defaults(fn=cmd_invoke)
-    p = sub.add_parser("logs", help="a function's recent calls")
-    p.add_argument("name")
-    p.add_argument("-n", type=int, default=20)
-    p.add_argument("--follow", action="store_true")
+    p = _remote(sub, "logs", help="a function's recent calls, with their output and errors")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("-n", type=int, default=20, metavar="N", help="how many of the newest calls (default 20)")
+    p.add_argument("--errors", action="store_true", help="only calls that did not end ok")
+    p.add_argument("--since", metavar="WHEN", help="only calls since a duration ago (30s, 10m, 2h, 1d) or a local "
+                                                   "time (2026-12-03T08:00)")
+    p.add_argument("--follow", action="store_true", help="keep printing new calls (Ctrl-C stops)")
+    p.add_argument("--all-boards", action="store_true", help="the calls of every board (several boards)")
     p.set_defaults(fn=cmd_logs)
+    p = _remote(sub, "deps", help="the functions' packages: show them, or install a requirements.txt",
+                description="`fnbox deps install requirements.txt` deploys it to the server's functions folder and "
+                            "installs it with pip into the server's data folder (every function imports from it); "
+                            "`fnbox deps install` reinstalls the deployed one; `fnbox deps` shows both.")
+    p.add_argument("action", nargs="?", choices=["show", "install"], default="show", help="show (default) or install")
+    p.add_argument("file", nargs="?", metavar="REQUIREMENTS", help="the requirements.txt to deploy and install")
+    p.set_defaults(fn=cmd_deps)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = sub.add_parser("check", help="validate the profiles folder and print every function's limits")
-    p.add_argument("--profiles", default=os.environ.get("FNBOX_PROFILES_DIR", os.path.join(here, "sandbox_profiles")))
-    p.add_argument("--functions", default=os.environ.get("FNBOX_FUNCTIONS_DIR", os.path.join(here, "functions")))
+    profiles_default = os.environ.get("FNBOX_PROFILES_DIR", os.path.join(here, "sandbox_profiles"))
+    p = sub.add_parser("check", help="check the profiles and every function (syntax, entry point) without a server",
+                       description="Validates the profiles folder and every function of the functions folder (syntax, "
+                                   "entry point), prints each function's limits, and exits 1 with file:line reasons "
+                                   "when anything would fail at call time. Runs no function code.")
+    p.add_argument("--profiles", default=profiles_default, help="the profiles folder (default: $FNBOX_PROFILES_DIR, "
+                                                                "else the checkout's sandbox_profiles)")
+    p.add_argument("--functions", default=os.environ.get("FNBOX_FUNCTIONS_DIR", os.path.join(here, "functions")),
+                   help="the functions folder (default: $FNBOX_FUNCTIONS_DIR, else the checkout's functions)")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("doctor", help="which sandbox layers are active on this machine")
     p.add_argument("--strict", action="store_true", help="exit 1 when any layer or check is DEGRADED")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(fn=cmd_doctor)
-    p = sub.add_parser("run", help="run FILE's main() once in the sandbox, no server needed")
-    p.add_argument("file")
-    p.add_argument("path", nargs="?")
-    p.add_argument("--profile", default="strict")
-    p.add_argument("--profiles", default=os.environ.get("FNBOX_PROFILES_DIR", os.path.join(here, "sandbox_profiles")))
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("run", help="run a file's or a package folder's main() once in the sandbox, no server needed",
+                       description="Runs FILE's (or a package FOLDER's) entry point once in exactly the sandbox a "
+                                   "server would use, and prints the outcome, status, headers, output, time, memory "
+                                   "and body. Exit 0 when the call ended ok.")
+    p.add_argument("file", metavar="FILE|FOLDER", help="a .py file, or a folder holding __init__.py")
+    p.add_argument("path", nargs="?", help="the sub-path after /function/NAME/ (request.view_args['subpath'])")
+    p.add_argument("--profile", default="strict", help="the named profile whose limits apply (default strict)")
+    p.add_argument("--profiles", default=profiles_default, help="the profiles folder (default: $FNBOX_PROFILES_DIR, "
+                                                                "else the checkout's sandbox_profiles)")
+    p.add_argument("--entry-point", metavar="NAME", help="the function to call (default: the profile's "
+                                                         "entry_point, main)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     _request_options(p)
     p.set_defaults(fn=cmd_run)
+    from cli import queue_cmds  # calls, schedules, worker: the queue side (docs/cluster.md)
+
+    queue_cmds.add_parsers(sub)
     return ap
 
 
@@ -368,10 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except CliError as e:
         print(f"fnbox: {e}", file=sys.stderr)
-        return 2
+        return 1
     except OSError as e:  # a local file: FILE, -d @FILE
         print(f"fnbox: {e.filename}: {e.strerror}" if e.filename else f"fnbox: {e}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
 

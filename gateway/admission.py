@@ -1,8 +1,15 @@
 """Per-function concurrency caps that hold across every Gunicorn worker, and the caps that keep a worker's
 request threads from all being taken by calls.
 
-A call in flight holds one of `max_concurrency` lock files of its function with flock(): taking one is a
-non-blocking syscall, and the kernel releases the lock of a worker that dies, so a crash never leaks a place.
+A call in flight holds one of `max_concurrency` places of its function and one of the server's FNBOX_MAX_CALLS
+places, as byte-range locks in one lock file each (runner.locks): taking one is a non-blocking syscall, and
+the kernel releases the places of a worker that dies, so a crash never leaks one.
+
+A call holds its places until its last process is gone, not until it answers: a function that answers and goes
+on running still counts (until its timeout_s ends it). A call that answered marks its places "finishing"; a
+newcomer that finds the cap full only because of finishing calls waits for them a short, bounded time
+(FINISHING_WAIT) instead of getting 503: their processes are exiting. That keeps a client that calls a
+max_concurrency = 1 function in a loop from seeing a 503 between two calls.
 
 The global cap (FNBOX_MAX_CALLS) counts calls of every worker, but Gunicorn does not spread connections evenly:
 one worker may accept most of them. So each worker also admits at most `worker_max` calls of its own (its
@@ -12,11 +19,16 @@ request accepted by a worker never waits in that worker's queue behind calls tha
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
+import time
+from types import TracebackType
+
+from runner.locks import LockTable
 
 GLOBAL = "_all"  # not a valid function name, so it never collides with one
+FINISHING_WAIT = 1.0  # seconds a newcomer waits for calls that answered and are exiting
+_POLL = 0.005
 
 
 def worker_cap(threads: int) -> int:
@@ -25,9 +37,58 @@ def worker_cap(threads: int) -> int:
     return max(1, threads - max(1, threads // 8))
 
 
+class Busy(Exception):
+    """A cap is full: answered 503 busy (with Retry-After) before anything is forked."""
+
+    def __init__(self, cap: str, message: str) -> None:
+        super().__init__(message)
+        self.cap = cap  # "function", "worker" or "server"
+        self.message = message
+
+
+class Ticket:
+    """One admitted call's places. As a context manager: leaving the block with an exception gives them back;
+    leaving it normally keeps them, because the call owns them until its processes are gone: the owner hands
+    `release` to the call's completion (it is idempotent and thread-safe)."""
+
+    def __init__(self, limiter: ConcurrencyLimiter, places: list[tuple[str, int]]) -> None:
+        self._limiter = limiter
+        self._places = places
+        self._lock = threading.Lock()
+        self._answered = False
+
+    def answered(self) -> None:
+        """The call answered; its processes are ending: others may wait for its places instead of a 503."""
+        with self._lock:
+            if self._answered or not self._places:
+                return
+            self._answered = True
+            for key, place in self._places:
+                self._limiter._finishing(key, place, +1)
+
+    def release(self, *_: object) -> None:
+        with self._lock:
+            places, self._places = self._places, []
+            answered = self._answered
+        for key, place in places:
+            # Free first, then stop counting it as finishing: a newcomer that saw every place taken keeps waiting
+            # as long as the count says one is about to be free.
+            self._limiter._release(key, place)
+            if answered:
+                self._limiter._finishing(key, place, -1)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.release()
+
+
 class ConcurrencyLimiter:
     """Two caps, both answered with 503 busy before anything is forked: the function's max_concurrency, and the
-    server's global max_calls (FNBOX_MAX_CALLS) across all workers."""
+    server's global max_calls (FNBOX_MAX_CALLS) across all workers; plus this worker's own cap."""
 
     def __init__(self, directory: str, max_calls: int, worker_max: int | None = None) -> None:
         self.directory = directory
@@ -36,52 +97,67 @@ class ConcurrencyLimiter:
         self._in_worker = 0
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
-        self._fds: dict[tuple[str, int], int] = {}
-        # flock() is per open file: two threads of this process sharing an fd would both "get" it.
-        self._held: set[tuple[str, int]] = set()
+        self._tables: dict[str, LockTable] = {}
+        self._local_finishing: dict[str, int] = {}  # key -> places of this worker held by answered calls
 
-    def acquire(self, key: str, limit: int) -> tuple[str, int] | None:
+    def _table(self, key: str) -> LockTable:
         with self._lock:
-            for i in range(limit):
-                token = (key, i)
-                if token in self._held:
-                    continue
-                fd = self._fds.get(token)
-                if fd is None:
-                    path = os.path.join(self.directory, f"{key}.{i}.lock")
-                    fd = self._fds[token] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                self._held.add(token)
-                return token
-        return None
+            table = self._tables.get(key)
+            if table is None:
+                table = self._tables[key] = LockTable(os.path.join(self.directory, f"{key}.lock"))
+            return table
 
-    def admit(self, name: str, limit: int) -> tuple[tuple[str, int], tuple[str, int]] | str:
-        """Both places for one call (give each back with release()), or the name of the cap that is full:
-        "function", "worker" or "server"."""
-        own = self.acquire(name, limit)
+    def _claim(self, key: str, limit: int) -> tuple[str, int] | None:
+        """A free place of `key`; when every place is taken but some by calls that are ending, waits for one
+        (bounded)."""
+        table = self._table(key)
+        deadline = None
+        while True:
+            for i in range(limit):
+                if table.try_claim(i):
+                    return key, i
+            if self._local_finishing.get(key, 0) <= 0 and not table.any_finishing(range(limit)):
+                return None
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + FINISHING_WAIT
+            elif now > deadline:
+                return None
+            time.sleep(_POLL)
+
+    def admit(self, name: str, limit: int) -> Ticket:
+        """The places of one call (a Ticket), or Busy naming the cap that is full."""
+        own = self._claim(name, limit)
         if own is None:
-            return "function"
+            raise Busy("function", f"{name!r} already has {limit} calls in flight (max_concurrency)")
         with self._lock:
             worker_full = self.worker_max is not None and self._in_worker >= self.worker_max
             if not worker_full:
                 self._in_worker += 1
         if worker_full:
-            self.release(own)
-            return "worker"
-        overall = self.acquire(GLOBAL, self.max_calls)
+            self._release(*own)
+            raise Busy("worker", f"this worker already has {self.worker_max} calls in flight (FNBOX_THREADS minus "
+                                 "the threads kept for /healthz and 503s)")
+        overall = self._claim(GLOBAL, self.max_calls)
         if overall is None:
             with self._lock:
                 self._in_worker -= 1
-            self.release(own)
-            return "server"
-        return own, overall
+            self._release(*own)
+            raise Busy("server", f"the server already has {self.max_calls} calls in flight (FNBOX_MAX_CALLS)")
+        return Ticket(self, [own, overall])
 
-    def release(self, token: tuple[str, int]) -> None:
+    def _finishing(self, key: str, place: int, delta: int) -> None:
         with self._lock:
-            fcntl.flock(self._fds[token], fcntl.LOCK_UN)
-            self._held.discard(token)
-            if token[0] == GLOBAL:  # each admitted call holds exactly one global token: it leaves the worker
+            self._local_finishing[key] = self._local_finishing.get(key, 0) + delta
+        if delta > 0:
+            self._table(key).finishing(place)
+
+    def _release(self, key: str, place: int) -> None:
+        self._table(key).release(place)
+        if key == GLOBAL:  # each admitted call holds exactly one global place: it leaves the worker
+            with self._lock:
                 self._in_worker -= 1
+
+    def in_flight(self) -> int:
+        """Calls of this worker that hold their places (running, or answered and still ending)."""
+        return self._in_worker

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import admin, metrics
+from gateway import admin, async_routes, console, metrics
 from gateway.admission import ConcurrencyLimiter, worker_cap
 from gateway.deploy import FunctionStore
-from gateway.errors import GatewayError, error_response
+from gateway.errors import HTTP_CODES, GatewayError, error_response
 from gateway.history import History
 from gateway.routes import bp
 from runner.config import Settings, max_calls_for
@@ -77,6 +77,8 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
     app.register_blueprint(bp)
     if rt.admin_token:
         app.register_blueprint(admin.bp)
+    console.register(app, rt)  # the web console, when a token or password turns it on
+    async_routes.install(app, start)  # /async-function, /calls, the queue's executor threads and scheduler
 
     @app.get("/metrics")
     def _metrics() -> Response:
@@ -102,14 +104,31 @@ def create_app(settings: Settings | None = None, start: bool = True) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.code or 500, "bad_request")
+        status = e.code or 500
+        code = HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
         rid = g.get("request_id") or uuid.uuid4().hex
         resp = error_response(code, e.description or e.name, function=g.get("function"), request_id=rid)
-        resp.status_code = e.code or 500
+        resp.status_code = status
         return resp
 
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Response:
+        # A bug of the gateway: the full traceback goes to the server log, the client gets a stable JSON 500.
+        rid = g.get("request_id") or uuid.uuid4().hex
+        app.logger.error("fnbox: unexpected error in %s %s (request %s)", request.method, request.path, rid,
+                         exc_info=e)
+        return error_response("internal_error", f"unexpected error in the gateway ({type(e).__name__}); the "
+                              "server log has the details", function=g.get("function"), request_id=rid)
+
+    if not rt.admin_token:
+        @app.route("/admin", defaults={"rest": ""}, methods=admin.METHODS, strict_slashes=False)
+        @app.route("/admin/<path:rest>", methods=admin.METHODS)
+        def _admin_off(rest: str) -> Response:
+            raise GatewayError("admin_disabled", "the admin API is off on this server: start it with "
+                               "FNBOX_ADMIN_TOKEN=<a long random secret> in its environment (docs/operators.md)")
+
     if start:
-        supervisor.start()
+        supervisor.start_or_retry()
         atexit.register(supervisor.close)
         atexit.register(history.close)
     return app

@@ -11,6 +11,8 @@ from typing import Any
 from runner.supervisor import CallResult
 
 LOG_OUTPUT_CHARS = 2000  # of the captured output, in the log line; the rest is marked as truncated
+MESSAGE_CHARS = 2000  # of an error's message, in the record (history and log)
+TRACEBACK_CHARS = 8000  # of the user-frames traceback in the history: its end (where it failed) is kept
 
 _logger = logging.getLogger("fnbox.calls")
 if not _logger.handlers:
@@ -39,12 +41,22 @@ def call_record(*, request_id: str, function: str, method: str, path: str, statu
         record["output"] = output
         if dropped:
             record["output_dropped_bytes"] = dropped
+        if result.error_type:
+            record["error_type"] = result.error_type
         if result.traceback:
-            record["traceback"] = result.traceback
+            record["traceback"] = _tail(result.traceback, TRACEBACK_CHARS)
+        if result.full_traceback:
+            record["full_traceback"] = result.full_traceback  # the log line's only: see emit()
         complete(record, result)
     if message:
-        record["message"] = message
+        record["message"] = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + " [...]"
     return record
+
+
+def _tail(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"[... {len(text) - limit} characters dropped ...]\n" + text[-limit:]
 
 
 def complete(record: dict[str, Any], result: CallResult) -> None:
@@ -54,4 +66,9 @@ def complete(record: dict[str, Any], result: CallResult) -> None:
 
 
 def emit(record: dict[str, Any]) -> None:
-    _logger.info(json.dumps(record, ensure_ascii=False))
+    """The server log has the whole traceback (with the runner's and Flask's frames) as `traceback`."""
+    line = dict(record)
+    full = line.pop("full_traceback", None)
+    if full:
+        line["traceback"] = full
+    _logger.info(json.dumps(line, ensure_ascii=False))

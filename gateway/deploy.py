@@ -10,6 +10,7 @@ new one; the child resolves a package's symlink once, so a call in flight never 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -34,8 +35,11 @@ class DeployError(Exception):
         self.code, self.message, self.extra = code, message, extra
 
 
+MAX_NAME = 64  # as Cloud Functions' 63; leaves room under NAME_MAX (255) for the deploy's temporary names
+
+
 def valid_name(name: str) -> bool:
-    return name.isidentifier() and not name.startswith("_")
+    return name.isidentifier() and not name.startswith("_") and len(name) <= MAX_NAME
 
 
 def _compile(source: bytes, filename: str) -> None:
@@ -109,16 +113,46 @@ def is_archive(data: bytes) -> bool:
     return data[:4] == b"PK\x03\x04" or data[:2] == b"\x1f\x8b"
 
 
+def content_hash(files: dict[str, bytes]) -> str:
+    """What a version is: the sha256 of its files' relative paths and contents."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
+    return h.hexdigest()
+
+
+def _read_tree(root: str) -> dict[str, bytes]:
+    """A package folder's files (no __pycache__, no meta.json), by relative path."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        for f in files:
+            full = os.path.join(d, f)
+            rel = os.path.relpath(full, root)
+            if rel != "meta.json" and os.path.isfile(full):
+                with open(full, "rb") as fh:
+                    out[rel] = fh.read()
+    return out
+
+
+# Where a version came from: an API deploy, or the functions folder's own content found changed by hand (a
+# hand edit after a deploy, or a hand-placed function kept before `rm` deletes it).
+ORIGINS = ("deploy", "hand_edit")
+
+
 @dataclass(frozen=True)
 class Version:
     version: int
     kind: str  # "module" or "package"
     deployed_at: float
     size: int
+    origin: str = "deploy"
+    sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "kind": self.kind, "deployed_at": self.deployed_at,
-                "deployed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.deployed_at)), "size": self.size}
+                "deployed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.deployed_at)), "size": self.size,
+                "origin": self.origin}
 
 
 class FunctionStore:
@@ -142,7 +176,8 @@ class FunctionStore:
                 try:
                     with open(os.path.join(self._dir(name), e, "meta.json")) as f:
                         meta = json.load(f)
-                    out.append(Version(int(e), meta["kind"], meta["deployed_at"], meta["size"]))
+                    out.append(Version(int(e), meta["kind"], meta["deployed_at"], meta["size"],
+                                       meta.get("origin", "deploy"), meta.get("sha256")))
                 except (OSError, ValueError, KeyError):
                     continue
         return sorted(out, key=lambda v: v.version)
@@ -177,35 +212,97 @@ class FunctionStore:
             kind = "module"
         fd = self._lock(name)
         try:
-            existing = self.versions(name)
-            number = (existing[-1].version if existing else 0) + 1
-            vdir = os.path.join(self._dir(name), str(number))
-            tmp = tempfile.mkdtemp(prefix=".new-", dir=self._dir(name))
-            for path, content in files.items():
-                dest = os.path.join(tmp, path)
-                os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
-                with open(dest, "wb") as f:
-                    f.write(content)
-                os.chmod(dest, 0o644)
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"kind": kind, "deployed_at": time.time(), "size": sum(map(len, files.values()))}, f)
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, vdir)
+            # What the folder serves now (a hand edit since the last deploy, or a function placed by hand and
+            # never deployed) becomes a version first, unless it is what is being deployed: never lost.
+            self._keep_hand_edit(name, unmanaged_too=True, unless=content_hash(files))
+            number = self._store(name, kind, files, "deploy")
             self._activate(name, number)
             self._prune(name)
             return next(v for v in self.versions(name) if v.version == number)
         finally:
             os.close(fd)
 
+    def _store(self, name: str, kind: str, files: dict[str, bytes], origin: str) -> int:
+        """Writes files as the next immutable version directory (under the function's lock); returns its number."""
+        existing = self.versions(name)
+        number = (existing[-1].version if existing else 0) + 1
+        vdir = os.path.join(self._dir(name), str(number))
+        tmp = tempfile.mkdtemp(prefix=".new-", dir=self._dir(name))
+        for path, content in files.items():
+            dest = os.path.join(tmp, path)
+            os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(content)
+            os.chmod(dest, 0o644)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"kind": kind, "deployed_at": time.time(), "size": sum(map(len, files.values())),
+                       "origin": origin, "sha256": content_hash(files)}, f)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, vdir)
+        return number
+
+    def _live(self, name: str) -> tuple[str, dict[str, bytes]] | None:
+        """What the functions folder serves for name now: (kind, files as a version holds them), or None."""
+        module = os.path.join(self.functions_dir, name + ".py")
+        package = os.path.join(self.functions_dir, name)
+        if os.path.isfile(os.path.join(package, "__init__.py")):
+            return "package", _read_tree(os.path.realpath(package))
+        if os.path.isfile(module):
+            with open(module, "rb") as f:
+                return "module", {f"{name}.py": f.read()}
+        return None
+
+    def _version_hash(self, name: str, v: Version) -> str:
+        if v.sha256:
+            return v.sha256
+        return content_hash(_read_tree(os.path.join(self._dir(name), str(v.version))))  # a version of 0.1
+
+    def _keep_hand_edit(self, name: str, unmanaged_too: bool = False, unless: str | None = None) -> int | None:
+        """Under the lock: if the live files differ from the current version (edited by hand after a deploy),
+        store them as a new version (origin hand_edit) and make it current. A function never deployed is only
+        stored when unmanaged_too (before `rm` deletes it). Returns the new version's number, if any."""
+        live = self._live(name)
+        if live is None:
+            return None
+        kind, files = live
+        versions = {v.version: v for v in self.versions(name)}
+        cur = self.current(name)
+        if cur is None and not unmanaged_too:
+            return None
+        live_hash = content_hash(files)
+        if live_hash == unless or (cur in versions and self._version_hash(name, versions[cur]) == live_hash):
+            return None
+        number = self._store(name, kind, files, "hand_edit")
+        if kind == "package" and os.path.islink(os.path.join(self.functions_dir, name)):
+            self._activate(name, number)  # edited inside a version folder: serve the copy, same content
+        else:
+            self._set_current(name, number)
+        return number
+
+    def sync(self, name: str) -> None:
+        """Records a hand edit of a deployed function as a new version (before reporting its versions)."""
+        if not os.path.isdir(self._dir(name)):
+            return
+        fd = self._lock(name)
+        try:
+            self._keep_hand_edit(name)
+        finally:
+            os.close(fd)
+
     def rollback(self, name: str, version: int | None = None) -> Version:
         fd = self._lock(name)
         try:
+            # A hand-placed file where a removed function was: kept before the rollback replaces it.
+            self._keep_hand_edit(name, unmanaged_too=bool(self.versions(name)))
             versions = self.versions(name)
             cur = self.current(name)
+            if not versions:
+                raise DeployError("no_version", f"{name!r} has no deployed versions (a function placed in the "
+                                                "functions folder by hand has none until `fnbox deploy`)")
             if version is None:
                 older = [v for v in versions if cur is None or v.version < cur]
                 if not older:
-                    raise DeployError("no_version", f"{name!r} has no version before {cur}")
+                    raise DeployError("no_version", f"{name!r} has no version before {cur} (the oldest kept)")
                 target = older[-1]
             else:
                 match = [v for v in versions if v.version == version]
@@ -217,9 +314,12 @@ class FunctionStore:
         finally:
             os.close(fd)
 
-    def delete(self, name: str) -> bool:
+    def delete(self, name: str) -> tuple[bool, int | None]:
+        """Removes the function from the functions folder. Its versions stay; content that was not a version yet
+        (a hand-placed function, a hand edit) is stored as one first. Returns (found, that version's number)."""
         fd = self._lock(name)
         try:
+            kept = self._keep_hand_edit(name, unmanaged_too=True)
             found = False
             for path in (os.path.join(self.functions_dir, name + ".py"), os.path.join(self.functions_dir, name)):
                 if os.path.islink(path) or os.path.isfile(path):
@@ -232,7 +332,7 @@ class FunctionStore:
                 os.unlink(os.path.join(self._dir(name), "current"))
             except FileNotFoundError:
                 pass
-            return found
+            return found, kept
         finally:
             os.close(fd)
 
@@ -262,6 +362,9 @@ class FunctionStore:
             os.replace(tmp, package)  # the switch
             if os.path.exists(module):
                 os.unlink(module)
+        self._set_current(name, number)
+
+    def _set_current(self, name: str, number: int) -> None:
         ptr = os.path.join(self._dir(name), ".current.tmp")
         with open(ptr, "w") as f:
             f.write(str(number))

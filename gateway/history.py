@@ -21,16 +21,23 @@ import sqlite3
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 COLUMNS = ("time", "request_id", "function", "version", "method", "path", "status", "outcome", "duration_ms",
-           "cpu_ms", "max_rss_kb", "output", "complete")
+           "cpu_ms", "max_rss_kb", "output", "complete", "error_type", "message", "traceback", "trigger")
+# Columns added after 0.1, added to an older database when it is opened.
+LATER_COLUMNS = {"complete": "INTEGER NOT NULL DEFAULT 1", "error_type": "TEXT", "message": "TEXT",
+                 "traceback": "TEXT", "trigger": "TEXT NOT NULL DEFAULT 'sync'"}
+# What a record that does not say gets: sync calls come from gateway/routes.py, queued ones say async|schedule.
+_DEFAULTS = {"complete": 1, "trigger": "sync"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL, request_id TEXT NOT NULL, function TEXT NOT NULL, version INTEGER,
     method TEXT, path TEXT, status INTEGER, outcome TEXT, duration_ms REAL, cpu_ms REAL, max_rss_kb INTEGER,
-    output TEXT, complete INTEGER NOT NULL DEFAULT 1
+    output TEXT, complete INTEGER NOT NULL DEFAULT 1, error_type TEXT, message TEXT, traceback TEXT,
+    trigger TEXT NOT NULL DEFAULT 'sync'
 );
 CREATE INDEX IF NOT EXISTS calls_function ON calls (function, id);
 CREATE INDEX IF NOT EXISTS calls_request ON calls (request_id);
@@ -45,9 +52,61 @@ def connect(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the process
     db.executescript(SCHEMA)
-    if "complete" not in {row[1] for row in db.execute("PRAGMA table_info(calls)")}:  # a database of 0.1
-        db.execute("ALTER TABLE calls ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
+    have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    for column, decl in LATER_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE calls ADD COLUMN {column} {decl}")
     return db
+
+
+_INSERT = f"INSERT INTO calls ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})"
+
+
+class _Message:
+    """What a worker's writer thread receives. `counted`: a record() or finish() that flush() waits for."""
+
+    counted = True
+
+    def apply(self, db: sqlite3.Connection) -> int:
+        """Writes itself inside the writer's transaction; returns the rows it inserted."""
+        return 0
+
+
+@dataclass(frozen=True)
+class Insert(_Message):
+    row: dict[str, Any]
+
+    def apply(self, db: sqlite3.Connection) -> int:
+        db.execute(_INSERT, tuple(self.row.get(c, _DEFAULTS.get(c)) for c in COLUMNS))
+        return 1
+
+
+@dataclass(frozen=True)
+class Finish(_Message):
+    request_id: str
+    cpu_ms: float | None
+    max_rss_kb: int | None
+    outcome: str | None = None  # replaces the answer's when the call ended otherwise (killed after answering)
+    duration_ms: float | None = None
+
+    def apply(self, db: sqlite3.Connection) -> int:
+        db.execute("UPDATE calls SET cpu_ms=?, max_rss_kb=?, outcome=COALESCE(?, outcome), "
+                   "duration_ms=COALESCE(?, duration_ms), complete=1 WHERE request_id=? AND complete=0",
+                   (self.cpu_ms, self.max_rss_kb, self.outcome, self.duration_ms, self.request_id))
+        return 0
+
+
+class _Idle(_Message):
+    """The queue was idle for PRUNE_IDLE_S: apply retention now."""
+
+    counted = False
+
+
+class _Stop(_Message):
+    counted = False
+
+
+IDLE, STOP = _Idle(), _Stop()
 
 
 def _make_private(path: str) -> None:
@@ -68,10 +127,10 @@ class History:
         self.path = path
         self.max_rows, self.max_age_s = max_rows, max_age_days * 86400
         self.wait_s = wait_s
-        # A call's row (dict), or ("finish", request_id, cpu_ms, max_rss_kb) once its processes are gone.
-        self._queue: queue.Queue[dict[str, Any] | tuple | None] = queue.Queue(queue_size)
-        self.dropped = 0
-        self.error: str | None = None
+        self._queue: queue.Queue[_Message] = queue.Queue(queue_size)
+        self.dropped = 0  # records lost: the queue was full or the database failed (since this worker started)
+        self.errors = 0  # failed writes of the database
+        self.error: str | None = None  # the last failure, until a write succeeds again
         self._since_prune = 0
         self._cond = threading.Condition()
         self._queued = 0  # records accepted so far
@@ -87,7 +146,7 @@ class History:
         writer has committed it."""
         with self._cond:
             try:
-                self._queue.put_nowait(rec)
+                self._queue.put_nowait(Insert(rec))
             except queue.Full:
                 self.dropped += 1
                 return
@@ -96,27 +155,30 @@ class History:
             if self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
                 self._cond.wait_for(lambda: self._done >= seq, self.wait_s)
 
-    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None) -> None:
-        """Completes a call's row once its processes are gone (the answer went out before that). Never waits:
-        it runs on the runner's reader thread."""
+    def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None, outcome: str | None = None,
+               duration_ms: float | None = None) -> None:
+        """Completes a call's row once its processes are gone (the answer went out before that); `outcome` and
+        `duration_ms` replace the answer's when the call ended otherwise (a function that answered and kept
+        running until its timeout). Never waits: it runs on the runner's reader thread."""
         with self._cond:
             try:
-                self._queue.put_nowait(("finish", request_id, cpu_ms, max_rss_kb))
+                self._queue.put_nowait(Finish(request_id, cpu_ms, max_rss_kb, outcome, duration_ms))
             except queue.Full:
                 self.dropped += 1
                 return
             self._queued += 1
 
     def flush(self, timeout: float = 2.0) -> bool:
-        """Waits (bounded) until every queued record of this worker is written and retention applied to them."""
+        """Waits (bounded) until every queued record of this worker is written. Retention is not waited for: it
+        runs when the calls pause, and a read must not wait for that pause."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._done >= self._queued and not self._since_prune, timeout)
+            return self._cond.wait_for(lambda: self._done >= self._queued, timeout)
 
     def close(self, timeout: float = 2.0) -> None:
         self.flush(timeout)
         self._closed = True
         try:
-            self._queue.put_nowait(None)
+            self._queue.put_nowait(STOP)
         except queue.Full:
             pass
         self._thread.join(timeout)
@@ -153,21 +215,22 @@ class History:
         ident = (0, 0)
         while True:
             try:
-                item = self._queue.get(timeout=PRUNE_IDLE_S if self._since_prune else None)
+                first = self._queue.get(timeout=PRUNE_IDLE_S if self._since_prune else None)
             except queue.Empty:
-                item = "prune"  # calls paused: apply retention now
-            if item is None:
+                first = IDLE  # calls paused: apply retention now
+            if first is STOP:
                 return
-            batch = [item]
+            batch = [first]
             while len(batch) < 500:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
+                if nxt is STOP:
+                    self._queue.put(STOP)
                     break
                 batch.append(nxt)
+            counted = sum(1 for m in batch if m.counted)
             try:
                 if db is not None and self._replaced(ident):
                     # Removed or replaced under us (an operator moving a corrupt file aside, a restore): our
@@ -177,25 +240,18 @@ class History:
                     db = None
                 if db is None:
                     db, ident = self._open()
-                inserts = [r for r in batch if isinstance(r, dict)]
-                finishes = [r[1:] for r in batch if isinstance(r, tuple)]
                 with db:
                     db.execute("BEGIN IMMEDIATE")
-                    db.executemany(
-                        f"INSERT INTO calls ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
-                        [tuple(r.get(c, 1 if c == "complete" else None) for c in COLUMNS) for r in inserts])
-                    db.executemany("UPDATE calls SET cpu_ms=?, max_rss_kb=?, complete=1 "
-                                   "WHERE request_id=? AND complete=0",
-                                   [(cpu, rss, rid) for rid, cpu, rss in finishes])
-                    self._since_prune += len(inserts)
-                    if self._since_prune >= PRUNE_EVERY or (item == "prune" and self._since_prune):
+                    self._since_prune += sum(m.apply(db) for m in batch)
+                    if self._since_prune >= PRUNE_EVERY or (first is IDLE and self._since_prune):
                         self._prune(db)
                         self._since_prune = 0
                 self.error = None
             except sqlite3.Error as e:
-                self.dropped += sum(1 for r in batch if r != "prune")
+                self.dropped += counted
+                self.errors += 1
                 if self.error != str(e):
-                    print(f"fnbox: call history: {e}; {len(batch)} records lost, retrying on the next call",
+                    print(f"fnbox: call history: {e}; {counted} records lost, retrying on the next call",
                           file=sys.stderr)
                 self.error = str(e)
                 if db is not None:
@@ -206,7 +262,7 @@ class History:
                 db = None
             finally:
                 with self._cond:
-                    self._done += sum(1 for r in batch if r != "prune")
+                    self._done += counted
                     self._cond.notify_all()
 
     def _prune(self, db: sqlite3.Connection) -> None:
@@ -235,11 +291,27 @@ class History:
                 return rows
             time.sleep(0.01)
 
-    def calls(self, function: str, limit: int = 50, outcome: str | None = None) -> list[dict[str, Any]]:
+    def calls(self, function: str, limit: int = 50, outcome: str | None = None, errors: bool = False,
+              since: float | None = None) -> list[dict[str, Any]]:
+        """The function's newest calls first; `errors`: only those that did not end ok; `since`: unix time."""
+        where, args = ["function=?"], [function]
         if outcome:
-            return self._read_complete("SELECT * FROM calls WHERE function=? AND outcome=? ORDER BY id DESC LIMIT ?",
-                                       (function, outcome, limit))
-        return self._read_complete("SELECT * FROM calls WHERE function=? ORDER BY id DESC LIMIT ?", (function, limit))
+            where.append("outcome=?")
+            args.append(outcome)
+        if errors:
+            where.append("outcome != 'ok'")
+        if since is not None:
+            where.append("time >= ?")
+            args.append(since)
+        return self._read_complete(f"SELECT * FROM calls WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                                   (*args, limit))
+
+    def known(self, function: str) -> bool:
+        return bool(self._read("SELECT 1 FROM calls WHERE function=? LIMIT 1", (function,)))
+
+    def health(self) -> dict[str, Any]:
+        """This worker's writer: records lost so far and the database's last error (None once writes work)."""
+        return {"dropped": self.dropped, "write_errors": self.errors, "error": self.error}
 
     def call(self, request_id: str) -> dict[str, Any] | None:
         rows = self._read_complete("SELECT * FROM calls WHERE request_id=? ORDER BY id DESC LIMIT 1", (request_id,))

@@ -30,13 +30,43 @@ forwarded_allow_ips = os.environ.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1
 
 def _metrics_dir():
     # prometheus_client's multiprocess mode: one fresh directory per server, set before any worker exists.
+    import atexit
+    import shutil
     import tempfile
 
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fnbox-metrics-")
+        path = tempfile.mkdtemp(prefix="fnbox-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        master = os.getpid()
+        # A start that fails (a busy port, a bad profile) never reaches on_exit: remove the folder anyway, in
+        # this process only (workers are forks of it and must not remove it when they exit).
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(path, ignore_errors=True))
 
 
 _metrics_dir()
+
+
+def _refuse_busy_address():
+    """Gunicorn retries a busy address five times, repeating its error: say once which variable moves it."""
+    import socket
+
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
+        return  # re-exec (USR2) or socket activation: the listeners are inherited, the address is ours
+    for addr in bind:
+        host, sep, port = addr.rpartition(":")
+        if not sep or addr.startswith(("unix:", "fd://")) or not port.isdigit():
+            continue
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds: TIME_WAIT is not busy
+            try:
+                s.bind((host, int(port)))
+            except OSError as e:
+                print(f"fnbox: cannot listen on {addr}: {e.strerror}. Another server has it (a `make run` still "
+                      "running? `make stop` ends it). Set FNBOX_BIND=host:port to use another address, e.g. "
+                      f"FNBOX_BIND={host}:{int(port) + 1} make run", file=sys.stderr)
+                sys.exit(1)
 
 
 def child_exit(server, worker):
@@ -49,22 +79,42 @@ def on_exit(server):
     import shutil
 
     shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+    if os.geteuid() == 0:  # the egress table of our sandbox uids (runner/egress.py) goes with the server
+        from runner import egress
+        from runner.config import ConfigError, Settings
+
+        try:
+            egress.remove(Settings.from_env().uid_base)
+        except ConfigError:
+            pass
 
 
 def on_starting(server):
+    _refuse_busy_address()
     # Refuse to start with an invalid profile folder, saying which file, key and why.
+    from gateway.console.config import ConsoleConfig
     from runner.config import ConfigError, Settings, max_calls_for
     from runner.profiles import ProfileError, load_profiles
 
     try:
         settings = Settings.from_env()
         pset = load_profiles(settings.profiles_dir)
+        console = ConsoleConfig.from_env()
     except (ProfileError, ConfigError) as e:
         print(f"fnbox: refusing to start: invalid configuration: {e}", file=sys.stderr)
         sys.exit(3)
     cap = max_calls_for(settings, pset.profiles["default"].memory_mb)
     server.log.info("fnbox: at most %d calls in flight (FNBOX_MAX_CALLS%s), %d workers x %d threads", cap,
                     "" if settings.max_calls else ", derived from memory and threads", workers, threads)
+    # Which sandbox layers this machine and these privileges allow, the admin API, and secrets at risk.
+    from gateway.startup import startup_lines
+
+    try:
+        for warning, line in startup_lines(settings, os.environ.get("FNBOX_ADMIN_TOKEN") or None):
+            (server.log.warning if warning else server.log.info)("fnbox: %s", line)
+    except Exception as e:  # a report must never keep the server from starting
+        server.log.warning("fnbox: cannot report the sandbox layers: %r", e)
+    server.log.info("%s", console.status_line())
 
 
 def post_worker_init(worker):
@@ -82,6 +132,9 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     rt = getattr(app, "extensions", {}).get("fnbox") if app is not None else None
     if rt is not None:
+        from gateway.async_routes import shutdown
+
+        shutdown(app)  # queued calls running here end (or go back to the queue) before the runner stops
         rt.supervisor.close()
         rt.history.close()
 

@@ -1,4 +1,4 @@
-"""Kernel memory and pids limits per sandbox slot, with cgroup v1 (memory + pids controllers).
+"""Kernel memory and pids limits and CPU accounting per sandbox slot, with cgroup v1 (memory, pids, cpuacct).
 
 Each slot owns one memory cgroup and one pids cgroup below the server's own cgroup, created once and reused
 (attaching a process to an existing cgroup costs ~0.04 ms here, creating one ~0.4 ms). A slot's cgroup also
@@ -49,16 +49,17 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def v1_base(controller: str) -> str | None:
-    """The directory under which fnbox creates its slot cgroups for a v1 controller, or None."""
+def v1_base(controller: str, parent: str = "fnbox") -> str | None:
+    """The directory under which fnbox creates its slot cgroups for a v1 controller, or None. `parent` is
+    Settings.cgroup_parent (FNBOX_CGROUP_PARENT), relative to the server's own cgroup."""
     mount = os.path.join(V1_ROOT, controller)
     own = _own_path(controller)
     if own is None or not os.path.isfile(os.path.join(mount, "cgroup.procs")):
         return None
-    base = os.path.join(mount, own.lstrip("/"), "fnbox")
-    if not os.path.isdir(os.path.dirname(base)):
+    base = os.path.join(mount, own.lstrip("/"), parent)
+    if not os.path.isdir(os.path.join(mount, own.lstrip("/"))):
         # A container may show its own cgroup as the mount root.
-        base = os.path.join(mount, "fnbox")
+        base = os.path.join(mount, parent)
     try:
         os.makedirs(base, exist_ok=True)
     except OSError:
@@ -66,16 +67,39 @@ def v1_base(controller: str) -> str | None:
     return base if os.access(base, os.W_OK) else None
 
 
+def slot_dir(base: str, key: int) -> str:
+    """The folder of the slot whose uid is `key` below a controller's fnbox base."""
+    return os.path.join(base, f"slot-{key}")
+
+
 class SlotCgroup:
     """The v1 memory + pids cgroups of one sandbox slot."""
 
-    def __init__(self, memory_base: str, pids_base: str | None, index: int) -> None:
-        self.mem = os.path.join(memory_base, f"slot-{index}")
-        self.pids = os.path.join(pids_base, f"slot-{index}") if pids_base else None
-        for d in filter(None, (self.mem, self.pids)):
+    def __init__(self, memory_base: str, pids_base: str | None, key: int, cpuacct_base: str | None = None) -> None:
+        # Named by the slot's uid (key), as its lock in the machine-wide registry is: whoever holds the lock
+        # owns these cgroups, whatever server it belongs to.
+        self.mem = slot_dir(memory_base, key)
+        self.pids = slot_dir(pids_base, key) if pids_base else None
+        # cpuacct: the CPU time of every process of the call, whatever forked it (RLIMIT_CPU is per process).
+        self.cpu = slot_dir(cpuacct_base, key) if cpuacct_base else None
+        for d in filter(None, (self.mem, self.pids, self.cpu)):
             os.makedirs(d, exist_ok=True)
         self._limits: tuple[int, int] | None = None
         self._oom_base = self.oom_kills()
+        self._cpu_base = 0
+
+    def dirs(self) -> tuple[str, ...]:
+        """The slot's cgroup folders (bound into the call's file system view: it may read its own limits)."""
+        return tuple(filter(None, (self.mem, self.pids, self.cpu)))
+
+    def cpu_ns(self) -> int | None:
+        """CPU time used by the slot's processes since reset_peak(), in ns; None without cpuacct."""
+        if self.cpu is None:
+            return None
+        try:
+            return int(_read(os.path.join(self.cpu, "cpuacct.usage"))) - self._cpu_base
+        except (OSError, ValueError):
+            return None
 
     def set_limits(self, memory_bytes: int, max_pids: int) -> None:
         if self._limits == (memory_bytes, max_pids):
@@ -106,12 +130,20 @@ class SlotCgroup:
         except OSError:
             pass
         self._oom_base = self.oom_kills()
+        if self.cpu is not None:
+            self._cpu_base = 0
+            try:  # a counter of our own: reset it (root may write 0), else remember where it stands
+                _write(os.path.join(self.cpu, "cpuacct.usage"), "0")
+            except OSError:
+                self._cpu_base = self.cpu_ns() or 0
 
     def attach_self(self) -> None:
         """Called in the forked child, as root, before it drops privileges."""
         _write(os.path.join(self.mem, "cgroup.procs"), "0")
         if self.pids:
             _write(os.path.join(self.pids, "cgroup.procs"), "0")
+        if self.cpu:
+            _write(os.path.join(self.cpu, "cgroup.procs"), "0")
 
     def procs(self) -> list[int]:
         pids: set[int] = set()

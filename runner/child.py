@@ -8,10 +8,12 @@ exactly as in a Flask view. The function never sees the gateway's app, socket or
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import io
 import os
+import socket
 import sys
 import tempfile
 import traceback
@@ -19,9 +21,10 @@ import types
 from typing import Any
 
 import flask
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
-from runner import outcomes
+from runner import deps, outcomes
+from runner.profiles import Profile
 from runner.protocol import CHILD_RESULT_FD, encode_frame, read_frame, write_all
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -35,8 +38,28 @@ def _view(func_name: str, subpath: str) -> Any:
     return _main(flask.request)
 
 
+class _Request(flask.Request):
+    """Flask's request, whose get_json() failures are the platform's JSON errors (400 bad_request on bad JSON,
+    415 unsupported_media_type without a JSON Content-Type) rather than werkzeug's HTML pages. A function that
+    catches them, or raises its own abort(415), still answers what it wants."""
+
+    def on_json_loading_failed(self, e: ValueError | None) -> Any:
+        if e is None:
+            code, status = "unsupported_media_type", 415
+            message = (f"the function reads the body as JSON, but the request's Content-Type is "
+                       f"{self.mimetype or 'missing'!r}, not 'application/json' (curl: -H 'Content-Type: "
+                       "application/json')")
+        else:
+            code, status, message = "bad_request", 400, f"the request body is not valid JSON: {e}"
+        body = {"error": code, "message": message, "function": (self.view_args or {}).get("func_name"),
+                "request_id": self.environ.get("fnbox.request_id")}
+        resp = flask.Response(flask.json.dumps(body) + "\n", status=status, mimetype="application/json")
+        raise (UnsupportedMediaType if e is None else BadRequest)(response=resp)
+
+
 def build_app() -> flask.Flask:
     app = flask.Flask("fnbox_function", root_path="/")
+    app.request_class = _Request
     # Exceptions from main must reach run() (to be reported as function_error), not become Flask's HTML 500.
     app.config["PROPAGATE_EXCEPTIONS"] = True
     for rule, defaults in (("/function/<func_name>", {"subpath": ""}),
@@ -87,10 +110,107 @@ def _error(outcome: str, exc: BaseException | None = None, message: str | None =
     if exc is not None:
         frame["type"] = type(exc).__name__
         frame["message"] = message if message is not None else str(exc)
-        frame["traceback"] = "".join(traceback.format_exception(exc))
+        frame["traceback"] = user_traceback(exc)
+        frame["full_traceback"] = "".join(traceback.format_exception(exc))
     elif message is not None:
         frame["message"] = message
     return frame
+
+
+# Frames of the platform (this runner, Flask, werkzeug, the import machinery) that lead to the function's own.
+_PLATFORM_PREFIXES = tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep
+                           for m in (sys.modules[__name__], flask, sys.modules["werkzeug"]))
+
+
+def _platform_frame(filename: str) -> bool:
+    return filename.startswith(_PLATFORM_PREFIXES) or filename.startswith("<frozen importlib")
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback from the function's first own frame on: the frames through which the runner, Flask and
+    importlib reached it are dropped (in every exception of a chain). Frames after the user's (a library the
+    function called) stay: they say where it failed. If no frame is the user's, the whole stack is kept."""
+    te = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    stack = [te]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        keep = next((i for i, f in enumerate(t.stack) if not _platform_frame(f.filename)), None)
+        if keep:
+            del t.stack[:keep]
+        elif keep is None and isinstance(exc, SyntaxError):
+            del t.stack[:]  # the syntax error's own lines name the file and line
+        stack.extend(x for x in (t.__cause__, t.__context__) if x is not None)
+    return "".join(te.format())
+
+
+# errnos of "there is no network here": what a call sees in an empty network namespace.
+_NET_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL,
+                         errno.ECONNREFUSED})
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Whether exc (or what it wraps: __cause__, __context__, URLError.reason, requests' args) is a failed name
+    lookup or connection."""
+    todo, seen = [exc], set()
+    while todo and len(seen) < 20:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror | ConnectionError) or (isinstance(e, OSError) and e.errno in _NET_ERRNOS):
+            return True
+        if "NameResolution" in type(e).__name__ or "NewConnectionError" in type(e).__name__:
+            return True
+        more = [e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ())]
+        todo.extend(x for x in more if isinstance(x, BaseException))
+    return False
+
+
+NETWORK_OFF_HINT = ("; this function's profile has network = false: its calls run with no network at all (no "
+                    "DNS, not even 127.0.0.1). To allow it, set `network = true` for it in functions.toml "
+                    "(docs/operators.md)")
+
+
+def _importable(top: str) -> bool:
+    """Whether a top-level module exists (`import pkg.nosuchsub` fails in an installed package: not missing)."""
+    if top in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _missing_package(exc: ModuleNotFoundError) -> str:
+    top = (exc.name or "?").split(".")[0]
+    return (f"No module named {top!r}: the function imports {top!r}, which is not installed. Add the package "
+            f"that provides it to requirements.txt in the functions folder, then run `fnbox deps install` "
+            f"(docs/functions.md, Dependencies)")
+
+
+def _failure(exc: BaseException, network: bool) -> dict[str, Any]:
+    """The error frame of an exception raised by importing or calling the function."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith(PACKAGE + ".") \
+            and not _importable(exc.name.split(".")[0]):
+        return _error(outcomes.MISSING_DEPENDENCY, exc, _missing_package(exc))
+    if not network and _is_network_error(exc):
+        return _error(outcomes.FUNCTION_ERROR, exc, str(exc) + NETWORK_OFF_HINT)
+    return _error(outcomes.FUNCTION_ERROR, exc)
+
+
+def entry_point(module: types.ModuleType, name: str) -> Any:
+    """The callable a call runs: the module's `name` (the profile's entry_point, `main` by default). A module
+    without `main` whose only `@functions_framework.http` function is defined in it runs that one."""
+    fn = getattr(module, name, None)
+    if callable(fn) or name != "main":
+        return fn if callable(fn) else None
+    ff = sys.modules.get("functions_framework")
+    registered = [f for f in getattr(ff, "_http_functions", ()) if getattr(f, "__module__", None) == module.__name__]
+    return registered[0] if len(registered) == 1 else None
 
 
 def _serialize(resp: flask.Response, max_body: int) -> tuple[dict[str, Any], bytes]:
@@ -110,9 +230,12 @@ def _serialize(resp: flask.Response, max_body: int) -> tuple[dict[str, Any], byt
     return {"kind": "response", "status": resp.status, "headers": headers}, b"".join(chunks)
 
 
-def run(functions_dir: str, name: str, max_response_kb: int) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
-    global _main
+def read_request() -> dict[str, Any]:
+    """The call's request from stdin: its WSGI environ, and the function's [env] added to os.environ."""
     header, body = read_frame(0)
+    # The profile's [env] comes from the gateway with the request, never through the fork server (see
+    # runner.supervisor): the sandbox gave this process a minimal environment, the function's own is added here.
+    os.environ.update(header.get("env") or {})
     environ: dict[str, Any] = dict(header["environ"])
     environ.update({
         "wsgi.input": io.BytesIO(body),
@@ -122,20 +245,35 @@ def run(functions_dir: str, name: str, max_response_kb: int) -> dict[str, Any] |
         "wsgi.multiprocess": True,
         "wsgi.run_once": True,
         "wsgi.input_terminated": True,
+        "fnbox.request_id": header.get("request_id"),
     })
+    return environ
+
+
+def import_function(functions_dir: str, name: str, profile: Profile) -> types.ModuleType | dict[str, Any]:
+    """The function's module, or the error frame that says why it cannot be imported."""
+    deps.activate()
     try:
-        module = _load(functions_dir, name)
+        return _load(functions_dir, name)
     except ModuleNotFoundError as e:
         if e.name in (f"{PACKAGE}.{name}", PACKAGE):
             return _error(outcomes.NOT_FOUND, message=f"no function named {name!r}")
-        return _error(outcomes.FUNCTION_ERROR, e)
+        return _failure(e, profile.network)
     except MemoryError as e:
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached while importing the function")
     except BaseException as e:
-        return _error(outcomes.FUNCTION_ERROR, e)
-    _main = getattr(module, "main", None)
-    if not callable(_main):
-        return _error(outcomes.NO_MAIN, message="Function must define a `main(request)` method")
+        return _failure(e, profile.network)
+
+
+def dispatch(module: types.ModuleType, functions_dir: str, name: str, profile: Profile,
+             environ: dict[str, Any]) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    """Runs the module's entry point on the request through Flask; the result frame (header, body)."""
+    global _main
+    _main = entry_point(module, profile.entry_point)
+    if _main is None:
+        where = "" if profile.entry_point == "main" else " (the entry_point of its profile)"
+        return _error(outcomes.NO_ENTRY_POINT, message=f"function {name!r} must define a callable "
+                      f"`{profile.entry_point}(request)`{where}")
     APP.root_path = functions_dir
     try:
         with APP.request_context(environ):
@@ -143,11 +281,19 @@ def run(functions_dir: str, name: str, max_response_kb: int) -> dict[str, Any] |
                 resp = APP.full_dispatch_request()
             except HTTPException as e:  # raised from a place Flask does not catch (e.g. make_response)
                 resp = e.get_response()
-            return _serialize(resp, max_response_kb * 1024)
+            return _serialize(resp, profile.max_response_kb * 1024)
     except MemoryError as e:
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached (MemoryError)")
     except BaseException as e:
-        return _error(outcomes.FUNCTION_ERROR, e)
+        return _failure(e, profile.network)
+
+
+def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    environ = read_request()
+    module = import_function(functions_dir, name, profile)
+    if isinstance(module, dict):
+        return module
+    return dispatch(module, functions_dir, name, profile, environ)
 
 
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")
@@ -180,7 +326,7 @@ def warm(full: bool = True) -> None:
         sys.path_importer_cache.pop(WARM_DIR, None)
 
 
-def main(functions_dir: str, name: str, max_response_kb: int) -> None:
+def main(functions_dir: str, name: str, profile: Profile) -> None:
     """Entry point in the forked, sandboxed child. Never returns."""
     tempfile.tempdir = None  # TMPDIR was just changed to the call's scratch dir
     # stdout is a pipe, so block-buffered: a print() before a timeout, a crash or os._exit() would die in the
@@ -193,7 +339,7 @@ def main(functions_dir: str, name: str, max_response_kb: int) -> None:
     code = 0
     try:
         try:
-            result = run(functions_dir, name, max_response_kb)
+            result = run(functions_dir, name, profile)
             if isinstance(result, dict):
                 data = encode_frame(result)
             else:
@@ -210,5 +356,5 @@ def main(functions_dir: str, name: str, max_response_kb: int) -> None:
         # process (several ms for a forked interpreter) that nobody needs to wait for.
         os.closerange(0, CHILD_RESULT_FD + 1)
     except BaseException:
-        code = 70  # EX_SOFTWARE: the runner itself failed; the gateway reports the call as crashed
+        code = outcomes.ExitCode.RUNNER_FAILED  # the gateway reports the call as crashed
     os._exit(code)

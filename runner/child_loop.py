@@ -14,7 +14,6 @@ and enforced by the fork server, which kills it.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import resource
@@ -24,64 +23,38 @@ import tempfile
 import types
 from typing import Any
 
-from werkzeug.exceptions import HTTPException
-
 from runner import child, outcomes
-from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, encode_frame, read_frame, recv_msg, send_msg, write_all
+from runner.profiles import Profile
+from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, encode_frame, recv_msg, send_msg, write_all
 
 
 class _Warm:
     """What survives between the calls of one instance: the function's module."""
 
-    def __init__(self, functions_dir: str, name: str) -> None:
-        self.functions_dir, self.name = functions_dir, name
+    def __init__(self, functions_dir: str, name: str, profile: Profile) -> None:
+        self.functions_dir, self.name, self.profile = functions_dir, name, profile
         self.module: types.ModuleType | None = None
 
     def load(self) -> dict[str, Any] | None:
         """Imports the function on the first call; an error frame if that fails."""
         if self.module is not None:
             return None
-        try:
-            self.module = child._load(self.functions_dir, self.name)
-        except ModuleNotFoundError as e:
-            if e.name in (f"{child.PACKAGE}.{self.name}", child.PACKAGE):
-                return child._error(outcomes.NOT_FOUND, message=f"no function named {self.name!r}")
-            return child._error(outcomes.FUNCTION_ERROR, e)
-        except MemoryError as e:
-            return child._error(outcomes.MEMORY_LIMIT, e, "memory limit reached while importing the function")
-        except BaseException as e:
-            return child._error(outcomes.FUNCTION_ERROR, e)
+        module = child.import_function(self.functions_dir, self.name, self.profile)
+        if isinstance(module, dict):
+            return module
+        self.module = module
         return None
 
 
-def run_one(warm: _Warm, max_response_kb: int) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+def run_one(warm: _Warm) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
     """One call, as runner.child.run() does it, with the module imported once per instance."""
-    header, body = read_frame(0)
-    os.environ.update(header.get("env") or {})  # a profile's [env] may come with the request (clean parent)
-    environ: dict[str, Any] = dict(header["environ"])
-    environ.update({
-        "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
-        "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
-    })
+    environ = child.read_request()
+    environ["wsgi.run_once"] = False
     failed = warm.load()
     if failed is not None:
         return failed
-    child._main = getattr(warm.module, "main", None)
-    if not callable(child._main):
-        return child._error(outcomes.NO_MAIN, message="Function must define a `main(request)` method")
-    child.APP.root_path = warm.functions_dir
-    try:
-        with child.APP.request_context(environ):
-            try:
-                resp = child.APP.full_dispatch_request()
-            except HTTPException as e:
-                resp = e.get_response()
-            return child._serialize(resp, max_response_kb * 1024)
-    except MemoryError as e:
-        return child._error(outcomes.MEMORY_LIMIT, e, "memory limit reached (MemoryError)")
-    except BaseException as e:
-        return child._error(outcomes.FUNCTION_ERROR, e)
+    assert warm.module is not None
+    return child.dispatch(warm.module, warm.functions_dir, warm.name, warm.profile, environ)
 
 
 def _take_call(ctl: socket.socket) -> bool:
@@ -118,7 +91,7 @@ def _cpu_soft_limit(cpu_s: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def serve(functions_dir: str, name: str, max_response_kb: int, reuse_calls: int, cpu_s: float) -> None:
+def serve(functions_dir: str, name: str, profile: Profile) -> None:
     """Entry point of a warm instance, after the sandbox is entered with the control socket as fds 0-3. Never
     returns."""
     tempfile.tempdir = None
@@ -131,7 +104,8 @@ def serve(functions_dir: str, name: str, max_response_kb: int, reuse_calls: int,
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     _release(devnull)
     oom_frame = encode_frame(child._error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
-    warm = _Warm(functions_dir, name)
+    warm = _Warm(functions_dir, name, profile)
+    reuse_calls, cpu_s = profile.reuse_calls, profile.cpu_s
     code = 0
     try:
         for served in range(1, reuse_calls + 1):
@@ -140,7 +114,7 @@ def serve(functions_dir: str, name: str, max_response_kb: int, reuse_calls: int,
             _cpu_soft_limit(cpu_s)
             ok = False
             try:
-                result = run_one(warm, max_response_kb)
+                result = run_one(warm)
                 if isinstance(result, dict):
                     data = encode_frame(result)
                 else:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOT_REGISTRY = "/run/fnbox-slots"  # as root; see Settings.slot_registry
+_CGROUP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class ConfigError(ValueError):
@@ -29,10 +34,16 @@ def _int(env: dict[str, str], key: str, default: int, minimum: int = 0) -> int:
 class Settings:
     functions_dir: str
     profiles_dir: str
-    # Where slot locks and scratch directories live. Shared by every fnbox server on the machine, because the
-    # sandbox uids it hands out are machine-wide.
+    # This server's own locks (max_concurrency, FNBOX_MAX_CALLS places) and runtime files.
     state_dir: str
     scratch_dir: str
+    # The machine-wide sandbox slot registry: one lock file per slot uid, shared by every fnbox server of the
+    # machine whatever its FNBOX_STATE_DIR, so two servers whose uid ranges overlap never run two calls as one
+    # uid (nor kill each other's calls when they sweep or reuse a slot). Fixed on purpose: not configurable.
+    slot_registry: str
+    # The cgroup (relative to the server's own, in every controller) under which the slot cgroups
+    # `slot-<uid>` are made. Two servers may use different parents; slots are still claimed by uid.
+    cgroup_parent: str
     uid_base: int  # sandbox slot i runs as uid/gid uid_base + i (only when the server runs as root)
     slots: int  # size of the machine-wide sandbox slot pool (uids and cgroups)
     python: str  # the interpreter the fork server runs on: the venv's real binary, never a shim
@@ -46,6 +57,9 @@ class Settings:
     threads: int
     max_calls: int  # 0: derived from memory and threads, see max_calls_for()
     spares: int  # children each fork server keeps forked ahead of demand (0: fork on demand only)
+    # Host folders every call sees read-write at their own path inside its file system view
+    # (FNBOX_SANDBOX_SHARED_DIRS, colon-separated): a deliberate exchange folder; the test suite's markers.
+    shared_dirs: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -61,6 +75,8 @@ class Settings:
             ),
             state_dir=state,
             scratch_dir=os.path.abspath(env.get("FNBOX_SCRATCH_DIR") or scratch_default),
+            slot_registry=SLOT_REGISTRY if root else f"/tmp/fnbox-slots-{os.geteuid()}",
+            cgroup_parent=_cgroup_parent(env.get("FNBOX_CGROUP_PARENT") or "fnbox"),
             uid_base=_int(env, "FNBOX_UID_BASE", 61000, minimum=1000),
             slots=_int(env, "FNBOX_SANDBOX_SLOTS", 256, minimum=1),
             python=env.get("FNBOX_PYTHON") or _real_python(),
@@ -71,10 +87,42 @@ class Settings:
             threads=_int(env, "FNBOX_THREADS", 32, minimum=1),
             max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
             spares=_int(env, "FNBOX_SPARES", 1, minimum=0),
+            shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),
         )
+
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the fork server, which gets its settings from its worker over the control socket and never
+        reads the environment itself (one source of truth: what the worker validated)."""
+        d = dataclasses.asdict(self)
+        d["forwarded_allow_ips"] = sorted(self.forwarded_allow_ips)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Settings:
+        return cls(**dict(d, forwarded_allow_ips=frozenset(d["forwarded_allow_ips"]),
+                          shared_dirs=tuple(d.get("shared_dirs", ()))))
+
+
+def _cgroup_parent(raw: str) -> str:
+    parts = raw.strip("/").split("/")
+    if not all(p and p not in (".", "..") and _CGROUP_NAME.match(p) for p in parts):
+        raise ConfigError(f"FNBOX_CGROUP_PARENT={raw!r}: must be a relative cgroup path of names made of "
+                          "letters, digits, '.', '_' and '-'")
+    return "/".join(parts)
+
+
+def _dirs(env: dict[str, str], key: str) -> tuple[str, ...]:
+    raw = env.get(key) or ""
+    out = []
+    for d in filter(None, raw.split(":")):
+        if not os.path.isabs(d) or not os.path.isdir(d) or os.path.realpath(d) in ("/", "/tmp"):
+            raise ConfigError(f"{key}: {d!r} must be an existing absolute folder (not / or /tmp)")
+        out.append(os.path.realpath(d))
+    return tuple(out)
 
 
 def _real_python() -> str:

@@ -4,11 +4,18 @@ One fork server per Gunicorn worker, started by that worker's Supervisor with a 
 inherited fd but its end of the control socket. It imports Flask/werkzeug and the runner once, never imports
 or runs user code itself, and holds no listening socket, client connection or secret.
 
-Its single loop (selectors, like gunicorn's arbiter) owns every call's lifecycle:
-  spawn message -> claim a slot -> fork -> child enters the sandbox and runs the call
-  SIGCHLD       -> wait4() the child -> kill whatever of the call is left -> report "exit" with the outcome
-  tick          -> wall-clock deadlines and psutil tree-RSS checks for every call in flight
-EOF on the control socket means the worker is gone: every call is killed and the fork server exits.
+Process ownership, as in gunicorn's arbiter: this module is the only one that forks call processes (_fork:
+calls, spares, janitors) and the only one that reaps them, and it reaps only in its main loop (_reap). Its
+single loop (selectors) owns every call's lifecycle:
+  spawn message -> claim a slot -> fork (or hand the call to a spare) -> the child enters the sandbox, runs
+  SIGCHLD       -> wait4() the child -> its call is "ending": everything left in its slot is SIGKILLed
+  each turn     -> an ending call whose slot holds no process any more has ended: report "exit" with the
+                   outcome, clean its scratch dir, release the slot (a janitor process does big cleanups, and
+                   the slot is released when that janitor is reaped)
+  tick          -> wall-clock deadlines and memory checks for every call in flight
+A call ends when its process tree ends: its exit report (which frees its admission places in the gateway) and
+its slot wait for its last process. EOF on the control socket means the worker is gone: every call is killed
+and the fork server exits.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import psutil
 
-from runner import instances, outcomes, preload
+from runner import fsview, instances, outcomes, preload
 from runner.config import Settings
+from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
 from runner.protocol import SPAWN_FDS, recv_msg, send_msg
 from runner.sandbox import (
@@ -49,6 +59,8 @@ from runner.sandbox import (
 )
 
 POLL_INTERVAL = 0.02  # memory checks; the kernel cgroup catches spikes between two polls
+ENDING_POLL = 0.001  # while a call's leftover processes are being killed and reaped
+ENDING_MAX = 2.0  # a process that will not die (D state) must not hold the call's report forever
 PSS_REFRESH = 0.5  # without a cgroup: longest reuse of a PSS measurement (sharers exiting raise a call's PSS)
 MiB = 1024 * 1024
 
@@ -62,7 +74,7 @@ class Call:
     scratch: str
     started: float
     deadline: float
-    killed: str | None = None  # outcome we forced (timeout, memory_limit), if any
+    killed: Outcome | None = None  # outcome we forced (timeout, memory_limit), if any
     kill_message: str = ""
     peak_rss: int = 0
     procs: dict[int, psutil.Process] = field(default_factory=dict)
@@ -84,6 +96,21 @@ class Spare:
     litter: tuple[int, ...]
 
 
+@dataclass
+class Ending:
+    """A slot whose main process is gone (reaped), while whatever else ran in it is killed and reaped. `call`
+    is None for a spare that died without a call."""
+
+    slot: Slot
+    scratch: str
+    litter: tuple[int, ...]
+    pid: int
+    since: float
+    call: Call | None = None
+    status: int = 0
+    rusage: resource.struct_rusage | None = None
+
+
 class ForkServer:
     def __init__(self, sock: socket.socket, settings: Settings) -> None:
         self.sock = sock
@@ -93,10 +120,11 @@ class ForkServer:
         self.calls: dict[int, Call] = {}  # by pid
         self.by_id: dict[int, int] = {}  # call id -> pid
         self.deadlines: list[tuple[float, int]] = []  # (deadline, pid) heap
-        self.janitors: set[int] = set()
+        self.janitors: dict[int, Slot | None] = {}  # pid -> the slot it releases when it is reaped
         self.spares: list[Spare] = []
         self.retired: dict[int, Spare] = {}  # spares killed, waiting to be reaped
         self.dropped: set[int] = set()
+        self.ending: list[Ending] = []
         self._spare_ids = itertools.count(1)
         self.spare_retry_at = 0.0
         self.spare_target = settings.spares
@@ -107,7 +135,13 @@ class ForkServer:
     # -- setup -------------------------------------------------------------------------------------------
     def serve(self) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a call (double forks) come back to us to be reaped
-        orphans = self.slots.sweep(self._reap)  # what the calls of a fork server that died (kill -9) left
+        orphans = self.slots.sweep()  # what the calls of a fork server that died (kill -9) left
+        # Warm everything a call needs before the first fork, so no child pays for an import. After the sweep:
+        # a dead fork server's leftovers (a daemon still writing) are killed first, not after ~0.3-0.5 s of
+        # warm-up.
+        from runner import child
+
+        child.warm()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         os.set_blocking(wake_r, False)
@@ -119,7 +153,8 @@ class ForkServer:
         self.data_base = data_usage()
         gc.collect()
         gc.freeze()  # children then never touch (copy) the inherited objects' GC headers
-        self._cleanup(orphans)
+        if orphans:
+            self._janitor(None, orphans)
         send_msg(self.sock, {"op": "ready", "pid": os.getpid(), "layers": self.layers.describe()})
         sel = self.sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "control")
@@ -138,6 +173,7 @@ class ForkServer:
                         except BlockingIOError:
                             pass
                 self._reap()
+                self._settle()
                 self._check_limits()
                 self.instances.check_cpu()  # performance hook: warm calls' cpu_s, and idle_s
                 self.instances.expire()
@@ -152,6 +188,8 @@ class ForkServer:
         self.running = False
 
     def _timeout(self) -> float | None:
+        if self.ending:
+            return ENDING_POLL
         if len(self.spares) < self.spare_target and time.monotonic() >= self.spare_retry_at:
             return 0.0
         if not self.calls:
@@ -176,9 +214,11 @@ class ForkServer:
             elif msg.get("op") == "kill":
                 call = self.calls.get(self.by_id.get(msg.get("id"), -1))
                 if call is not None and call.killed is None:
-                    self._kill(call, msg.get("outcome", outcomes.CRASHED), msg.get("message", "killed by the gateway"))
+                    outcome = msg.get("outcome")
+                    self._kill(call, Outcome(outcome) if outcome in outcomes.ALL else Outcome.CRASHED,
+                               msg.get("message", "killed by the gateway"))
             elif msg.get("op") == "ping":
-                self._send({"op": "pong", "id": msg.get("id"), "calls": len(self.calls)})
+                self._send({"op": "pong", "id": msg.get("id"), "calls": len(self.calls) + len(self.ending)})
             elif msg.get("op") == "preload":  # performance hook: runner/preload.py
                 preload.handle(self, msg)
         finally:
@@ -193,9 +233,10 @@ class ForkServer:
 
     def _spawn(self, msg: dict, fds: list[int]) -> None:
         call_id = msg["id"]
+        # Limits only: the gateway never sends a call's [env], request or result here (a clean parent).
         profile = Profile.from_dict(msg["profile"])
         if len(fds) != SPAWN_FDS:
-            self._send({"op": "exit", "id": call_id, "outcome": outcomes.UNAVAILABLE, "message": "bad spawn"})
+            self._send({"op": "exit", "id": call_id, "outcome": Outcome.UNAVAILABLE, "message": "bad spawn"})
             return
         if instances.usable(profile, self.layers.root):  # performance hook: runner/instances.py
             self.instances.spawn(msg, fds, profile)
@@ -206,7 +247,7 @@ class ForkServer:
                 spare.slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
                 spare.slot.cgroup.reset_peak()
             # The scratch dir takes the call's name: an idle spare's dir ends in "-s<n>", a call's never does.
-            scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.index}-{os.getpid()}-{call_id}")
+            scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.key}-{os.getpid()}-{call_id}")
             try:
                 os.rename(spare.scratch, scratch)
                 spare.scratch = scratch
@@ -219,9 +260,9 @@ class ForkServer:
             spare.sock.close()
             self._track(Call(call_id, spare.pid, spare.slot, profile, scratch, 0.0, 0.0, litter=spare.litter))
             return
-        slot = self.slots.acquire(self._reap)
+        slot = self.slots.acquire()
         if slot is None:
-            self._send({"op": "exit", "id": call_id, "outcome": outcomes.BUSY,
+            self._send({"op": "exit", "id": call_id, "outcome": Outcome.BUSY,
                         "message": "every sandbox slot of this machine is in use"})
             return
         if slot.cgroup is not None:
@@ -231,27 +272,18 @@ class ForkServer:
             scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
         except OSError as e:  # the scratch file system is full or broken: this call cannot run, others may
             self.slots.release(slot)
-            self._send({"op": "exit", "id": call_id, "outcome": outcomes.UNAVAILABLE,
+            self._send({"op": "exit", "id": call_id, "outcome": Outcome.UNAVAILABLE,
                         "message": f"cannot create the call's scratch directory: {e.strerror}"})
             return
         litter = self.slots.litter_stamp()
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            code = 71
-            try:
-                self._child_signals()
-                self.sock.close()
-                enter(profile, slot, scratch, fds, self.data_base, self.layers)
-                from runner import child
 
-                child.main(msg["functions_dir"], msg["function"], profile.max_response_kb)
-            except BaseException as e:
-                try:
-                    os.write(2, f"fnbox: sandbox setup failed: {e!r}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
+        def run_call() -> NoReturn:
+            enter(profile, slot, scratch, fds, self.data_base, self.layers, msg["functions_dir"], msg["function"])
+            from runner import child
+
+            child.main(msg["functions_dir"], msg["function"], profile)
+
+        pid = self._fork(run_call, "sandbox setup")
         self._track(Call(call_id, pid, slot, profile, scratch, 0.0, 0.0, litter=litter))
 
     def _track(self, call: Call) -> None:
@@ -261,15 +293,32 @@ class ForkServer:
         self.by_id[call.id] = call.pid
         heapq.heappush(self.deadlines, (call.deadline, call.pid))
 
-    @staticmethod
-    def _child_signals() -> None:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # -- forking: the only place that makes processes -----------------------------------------------------
+    def _fork(self, body: Callable[[], object], what: str) -> int:
+        """Forks a child that runs body() and exits: with body's ExitCode if it returns, with SETUP_FAILED
+        (and a line on stderr, the server log) if it raises. A call's body never returns (child.main exits)."""
+        pid = os.fork()
+        if pid:
+            return pid
+        code = ExitCode.SETUP_FAILED
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self.sock.close()
+            ret = body()
+            code = ret if isinstance(ret, ExitCode) else ExitCode.OK
+        except BaseException as e:
+            try:
+                os.write(2, f"fnbox: {what} failed: {e!r}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
 
     # -- spares ------------------------------------------------------------------------------------------
     def _make_spare(self) -> None:
-        slot = self.slots.acquire(self._reap)
+        slot = self.slots.acquire()
         if slot is None:
             self.spare_retry_at = time.monotonic() + 1.0  # every slot busy: calls first, spares later
             return
@@ -282,31 +331,25 @@ class ForkServer:
         litter = self.slots.litter_stamp()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cwd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # the spare: never returns
-            code = 71
-            try:
-                self._child_signals()
-                self.sock.close()
-                ours.close()
-                prepare(slot, cwd, self.layers, network=False, keep=[theirs.fileno()])
-                from runner import child
 
-                child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
-                assignment, fds = recv_msg(theirs, SPAWN_FDS)
-                if assignment is None or len(fds) != SPAWN_FDS:
-                    code = 0  # the fork server is shutting down (or gone)
-                    return
-                profile = Profile.from_dict(assignment["profile"])
-                assign(profile, slot, assignment["scratch"], fds, data_usage())
-                child.main(assignment["functions_dir"], assignment["function"], profile.max_response_kb)
-            except BaseException as e:
-                try:
-                    os.write(2, f"fnbox: spare sandbox failed: {e!r}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
+        def run_spare() -> ExitCode:
+            ours.close()
+            prepare(slot, cwd, self.layers, network=False, keep=[theirs.fileno()])
+            from runner import child
+
+            child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
+            if slot.mntns is not None:  # and those of entering the file system view
+                fsview.prewarm(self.settings.functions_dir)
+            assignment, fds = recv_msg(theirs, SPAWN_FDS)
+            if assignment is None or len(fds) != SPAWN_FDS:
+                return ExitCode.OK  # the fork server is shutting down (or gone)
+            profile = Profile.from_dict(assignment["profile"])
+            assign(profile, slot, assignment["scratch"], fds, data_usage(), assignment["functions_dir"],
+                   assignment["function"])
+            child.main(assignment["functions_dir"], assignment["function"], profile)
+            return ExitCode.RUNNER_FAILED  # child.main never returns
+
+        pid = self._fork(run_spare, "spare sandbox")
         theirs.close()
         os.close(cwd)
         self.spares.append(Spare(pid, ours, slot, scratch, litter))
@@ -332,12 +375,21 @@ class ForkServer:
             call = self.calls.get(pid)
             # (deadline <= now: a warm instance's pid has one heap entry per call it served)
             if call is not None and call.killed is None and call.deadline <= now:
-                self._kill(call, outcomes.TIMEOUT, f"wall-clock limit of {call.profile.timeout_s:g} s exceeded")
+                self._kill(call, Outcome.TIMEOUT, f"wall-clock limit of {call.profile.timeout_s:g} s exceeded")
         for call in list(self.calls.values()):
             if call.killed is None and now - call.started >= POLL_INTERVAL:
                 over = self._memory_exceeded(call, now)
                 if over:
-                    self._kill(call, outcomes.MEMORY_LIMIT, over)
+                    self._kill(call, Outcome.MEMORY_LIMIT, over)
+                elif self._cpu_exceeded(call):
+                    self._kill(call, Outcome.TIMEOUT, f"CPU time limit of {call.profile.cpu_s:g} s exceeded "
+                                                       "(all processes of the call)")
+
+    @staticmethod
+    def _cpu_exceeded(call: Call) -> bool:
+        """cpu_s over the call's whole process tree (its cpuacct cgroup); RLIMIT_CPU still caps each process."""
+        cpu = call.slot.cgroup.cpu_ns() if call.slot.cgroup is not None else None
+        return cpu is not None and cpu >= call.profile.cpu_s * 1e9
 
     def _memory_exceeded(self, call: Call, now: float) -> str | None:
         """Why the call is over its memory limit, or None.
@@ -396,7 +448,7 @@ class ForkServer:
                 call.procs.pop(pid, None)
         return total
 
-    def _kill(self, call: Call, outcome: str, message: str) -> None:
+    def _kill(self, call: Call, outcome: Outcome, message: str) -> None:
         call.killed, call.kill_message = outcome, message
         try:
             os.kill(call.pid, signal.SIGKILL)
@@ -404,7 +456,9 @@ class ForkServer:
             pass
         kill_slot(call.slot, call.pid)
 
+    # -- reaping: only here, only from the main loop ------------------------------------------------------
     def _reap(self) -> None:
+        now = time.monotonic()
         while True:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
@@ -416,17 +470,20 @@ class ForkServer:
             call = self.calls.pop(pid, None)
             if call is not None:
                 self.by_id.pop(call.id, None)
-                self._finish(call, status, ru)
+                self.ending.append(Ending(call.slot, call.scratch, call.litter, pid, now, call, status, ru))
+                continue
             spare = self.retired.pop(pid, None) or self._idle_spare(pid)
-            if spare is not None:  # died without a call: free its slot like a finished call's
+            if spare is not None:  # died without a call: its slot is freed like a finished call's
                 if spare.pid not in self.dropped:
-                    self.spare_retry_at = time.monotonic() + 1.0  # it died by itself: do not fork in a loop
+                    self.spare_retry_at = now + 1.0  # it died by itself: do not fork in a loop
                 self.dropped.discard(spare.pid)
-                kill_slot(spare.slot, pid, self._reap)
-                self._cleanup([] if remove_scratch(spare.scratch) else [spare.scratch],
-                              self.slots.sweep_litter(spare.slot, spare.litter))
-                self.slots.release(spare.slot)
-            self.janitors.discard(pid)
+                self.ending.append(Ending(spare.slot, spare.scratch, spare.litter, pid, now))
+                continue
+            if pid in self.janitors:
+                slot = self.janitors.pop(pid)
+                if slot is not None:
+                    self.slots.release(slot)
+            # else: a call's orphan, reparented to us (we are its subreaper): reaped, nothing else to do
 
     def _idle_spare(self, pid: int) -> Spare | None:
         for i, spare in enumerate(self.spares):
@@ -435,51 +492,77 @@ class ForkServer:
                 return self.spares.pop(i)
         return None
 
-    def _finish(self, call: Call, status: int, ru: resource.struct_rusage) -> None:
-        kill_slot(call.slot, call.pid, self._reap)  # threads, grandchildren, daemons: the call is over
+    def _settle(self) -> None:
+        """Ends the calls whose slot holds no process any more (threads, grandchildren, daemons are SIGKILLed
+        as soon as the main process is reaped; the next turns reap them)."""
+        if not self.ending:
+            return
+        now = time.monotonic()
+        still = []
+        for e in self.ending:
+            if kill_slot(e.slot, e.pid) or now - e.since > ENDING_MAX:
+                self._ended(e)
+            else:
+                still.append(e)
+        self.ending = still
+
+    def _ended(self, e: Ending) -> None:
+        if e.call is not None:
+            self._send(self._report(e.call, e.status, e.rusage))
+        # Before the slot (so its uid) can be reused: what the call left is removed or made root's, and a
+        # big cleanup goes to a janitor process, which releases the slot when it is done.
+        leftovers = [] if remove_scratch(e.scratch) else [e.scratch]
+        if self.slots.litter_changed(e.litter):
+            if leftovers or not self.slots.litter_small():
+                self._janitor(e.slot, leftovers, e.litter)
+                return
+            leftovers += self.slots.sweep_litter(e.slot, e.litter)
+        if leftovers:
+            self._janitor(None, leftovers)
+        self.slots.release(e.slot)
+
+    def _report(self, call: Call, status: int, ru: resource.struct_rusage | None) -> dict:
         code = os.waitstatus_to_exitcode(status)
         sig = -code if code < 0 else None
-        cpu_ms = round((ru.ru_utime + ru.ru_stime) * 1000, 1)
-        max_rss_kb = max(ru.ru_maxrss, call.peak_rss // 1024)
+        cpu_ms = round((ru.ru_utime + ru.ru_stime) * 1000, 1) if ru else 0.0
+        max_rss_kb = max(ru.ru_maxrss if ru else 0, call.peak_rss // 1024)
         cg = call.slot.cgroup
+        tree_cpu = cg.cpu_ns() if cg is not None else None
+        if tree_cpu is not None:  # every process of the call, not only the main one
+            cpu_ms = max(cpu_ms, round(tree_cpu / 1e6, 1))
         if cg is not None:
             max_rss_kb = max(max_rss_kb, cg.peak_bytes() // 1024)
         outcome, message = call.killed, call.kill_message
         if outcome is None:
             if cg is not None and cg.oom_killed():
-                outcome, message = outcomes.MEMORY_LIMIT, f"memory limit of {call.profile.memory_mb} MiB exceeded"
+                outcome, message = Outcome.MEMORY_LIMIT, f"memory limit of {call.profile.memory_mb} MiB exceeded"
             elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_ms >= call.profile.cpu_s * 1000):
-                outcome, message = outcomes.TIMEOUT, f"CPU time limit of {call.profile.cpu_s:g} s exceeded"
-            elif code == 0:
-                outcome, message = outcomes.OK, ""
+                outcome, message = Outcome.TIMEOUT, f"CPU time limit of {call.profile.cpu_s:g} s exceeded"
+            elif code == ExitCode.OK:
+                outcome, message = Outcome.OK, ""
             else:
-                outcome = outcomes.CRASHED
+                outcome = Outcome.CRASHED
                 message = (f"the function's process was killed by signal {signal.Signals(sig).name}"
                            if sig else f"the function's process exited with code {code}")
-        self._send({"op": "exit", "id": call.id, "outcome": outcome, "message": message, "exitcode": code,
-                    "signal": signal.Signals(sig).name if sig else None, "cpu_ms": cpu_ms,
-                    "max_rss_kb": max_rss_kb, "wall_ms": round((time.monotonic() - call.started) * 1000, 2)})
-        # Before the slot (so its uid) can be reused: what the call left is removed or made root's.
-        self._cleanup([] if remove_scratch(call.scratch) else [call.scratch],
-                      self.slots.sweep_litter(call.slot, call.litter))
-        self.slots.release(call.slot)
+        return {"op": "exit", "id": call.id, "outcome": outcome, "message": message, "exitcode": code,
+                "signal": signal.Signals(sig).name if sig else None, "cpu_ms": cpu_ms,
+                "max_rss_kb": max_rss_kb, "wall_ms": round((time.monotonic() - call.started) * 1000, 2)}
 
-    def _cleanup(self, *folders: list[str]) -> None:
-        paths = [p for group in folders for p in group]
-        if not paths:
-            return
-        # Removing 100 000 files must not stall every other call's supervision, so a short-lived janitor
-        # process does it (forking is safe: this process is single-threaded).
-        pid = os.fork()
-        if pid == 0:
-            try:
-                self.sock.close()
-                self.slots.close()  # our copies of the slot locks must not outlive the fork server
-                for path in paths:
-                    remove_tree(path)
-            finally:
-                os._exit(0)
-        self.janitors.add(pid)
+    def _janitor(self, slot: Slot | None, paths: list[str], litter: tuple[int, ...] | None = None) -> None:
+        """Removing 100 000 files must not stall every other call's supervision: a short-lived process does it
+        (forking is safe: this process is single-threaded). With a slot, it first sweeps the files the slot's
+        uid left in the litter folders, and the slot is released when it is reaped."""
+
+        def clean() -> ExitCode:
+            self.slots.close()  # our copies of the slot locks must not outlive the fork server
+            found = list(paths)
+            if slot is not None and litter is not None:
+                found += self.slots.sweep_litter(slot, litter)
+            for path in found:
+                remove_tree(path)
+            return ExitCode.OK
+
+        self.janitors[self._fork(clean, "cleanup")] = slot
 
     def _shutdown(self) -> None:
         self.instances.close()
@@ -487,10 +570,11 @@ class ForkServer:
             self._drop_spare(self.spares.pop())
         for call in list(self.calls.values()):
             if call.killed is None:
-                self._kill(call, outcomes.UNAVAILABLE, "the fork server is shutting down")
+                self._kill(call, Outcome.UNAVAILABLE, "the fork server is shutting down")
         deadline = time.monotonic() + 5
-        while (self.calls or self.janitors or self.retired) and time.monotonic() < deadline:
+        while (self.calls or self.janitors or self.retired or self.ending) and time.monotonic() < deadline:
             self._reap()
+            self._settle()
             time.sleep(0.005)
         self.slots.close()
 
@@ -498,12 +582,16 @@ class ForkServer:
 def main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
-    # The Supervisor passed only FNBOX_* settings and a minimal PATH/LANG: no secret is in this environment.
-    server = ForkServer(sock, Settings.from_env())
-    # Warm everything a call needs before the first fork, so no child pays for an import.
-    from runner import child
+    # The Supervisor passed a minimal PATH/LANG and no secret in the environment; its validated settings come
+    # as the first message, so this process never reads FNBOX_* variables itself.
+    msg, _ = recv_msg(sock)
+    if not msg or msg.get("op") != "settings":
+        sys.exit(2)
+    settings = Settings.from_dict(msg["settings"])
+    server = ForkServer(sock, settings)
+    from runner import deps
 
-    child.warm()
+    deps.SITE_PACKAGES = deps.site_packages(settings.data_dir)  # calls import the functions' packages from here
     server.serve()
 
 

@@ -32,9 +32,10 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from runner import outcomes
+# Imported here, in the fork server: a call's file system view shows no project file to import later.
+from runner import child_loop, outcomes
 from runner.profiles import Profile
 from runner.protocol import recv_msg, send_msg
 from runner.sandbox import Slot, enter, make_scratch
@@ -156,7 +157,7 @@ class InstancePool:
     def _start(self, key: tuple, msg: dict[str, Any], fds: list[int], profile: Profile) -> None:
         srv = self.server
         call_id = msg["id"]
-        slot = srv.slots.acquire(srv._reap)
+        slot = srv.slots.acquire()
         if slot is None:
             srv._send({"op": "exit", "id": call_id, "outcome": outcomes.BUSY,
                        "message": "every sandbox slot of this machine is in use"})
@@ -173,29 +174,17 @@ class InstancePool:
             return
         litter = srv.slots.litter_stamp()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # the instance: never returns
-            code = 71
-            try:
-                srv._child_signals()
-                srv.sock.close()
-                ours.close()
-                # The control socket stands in for the call's pipes while the sandbox is entered; the serve loop
-                # moves it to fd 4 and takes each call's pipes from it (the first call's too).
-                ctl = theirs.fileno()
-                lifetime = dataclasses.replace(profile, cpu_s=lifetime_cpu(profile))
-                enter(lifetime, slot, scratch, [ctl, ctl, ctl], srv.data_base, srv.layers)
-                from runner import child_loop
+        def run_instance() -> NoReturn:
+            ours.close()
+            # The control socket stands in for the call's pipes while the sandbox is entered; the serve loop
+            # moves it to fd 4 and takes each call's pipes from it (the first call's too).
+            ctl = theirs.fileno()
+            lifetime = dataclasses.replace(profile, cpu_s=lifetime_cpu(profile))
+            enter(lifetime, slot, scratch, [ctl, ctl, ctl], srv.data_base, srv.layers, msg["functions_dir"],
+                  msg["function"])
+            child_loop.serve(msg["functions_dir"], msg["function"], profile)
 
-                child_loop.serve(msg["functions_dir"], msg["function"], profile.max_response_kb, profile.reuse_calls,
-                                 profile.cpu_s)
-            except BaseException as e:
-                try:
-                    os.write(2, f"fnbox: warm instance sandbox failed: {e!r}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
+        pid = srv._fork(run_instance, "warm instance sandbox")
         theirs.close()
         ours.setblocking(False)  # the fork server never waits on an instance
         inst = Instance(pid, ours, key, msg["function"], slot, scratch, litter, profile)

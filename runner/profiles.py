@@ -45,18 +45,29 @@ class Profile:
     memory_mb: int = 128  # peak RSS of the call's process tree; also the kernel cgroup limit
     max_processes: int = 16  # processes and threads of the call at once
     max_file_mb: int = 16  # largest file the call may write (RLIMIT_FSIZE)
+    max_disk_mb: int = 64  # everything the call writes (its /tmp tmpfs, RAM charged to memory_mb); ENOSPC past it
     max_request_kb: int = 1024  # request body; more is 413 request_too_large
     max_response_kb: int = 4096  # response body; more is 502 output_limit
     max_log_kb: int = 64  # captured stdout/stderr kept; the rest is dropped and counted
     network: bool = False  # False: an empty network namespace (no route anywhere, not even loopback)
     max_concurrency: int = 8  # calls of this function in flight; more is 503 busy
-    traceback: bool = False  # include the traceback in function_error bodies
+    traceback: bool = False  # include the (user-frames) traceback in function_error bodies
+    entry_point: str = "main"  # the module's function a call runs, as Cloud Functions' --entry-point
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Performance (runner/preload.py, runner/instances.py; docs/operators.md and docs/functions.md).
     preload: tuple[str, ...] = ()  # installed modules the fork server imports before forking this profile's calls
     reuse_calls: int = 1  # calls one warm process may serve (1: a fresh process per call)
     idle_s: float = 60.0  # a warm process with no call for this long is ended
     profile: str = "default"  # which named profile this came from (informational)
+    # Queued calls (async and scheduled, see docs/cluster.md): attempts after the first, for calls ending in
+    # timeout/crashed/memory_limit/unavailable, the n-th retry waiting retry_backoff_s * 2**(n-1) seconds.
+    retries: int = 0
+    retry_backoff_s: float = 2.0
+    # A schedule (functions.toml tables only): a cron line in `timezone`, or a period in seconds ("30s" there).
+    schedule: str | None = None
+    every: float | None = None
+    timezone: str = "UTC"
+    catch_up: bool = False  # a tick missed while every board was down runs once when one is back
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -79,15 +90,66 @@ _NUMERIC: dict[str, tuple[tuple[type, ...], float]] = {
     "memory_mb": ((int,), 16),
     "max_processes": ((int,), 1),
     "max_file_mb": ((int,), 0),
+    "max_disk_mb": ((int,), 1),
     "max_request_kb": ((int,), 0),
     "max_response_kb": ((int,), 0),
     "max_log_kb": ((int,), 0),
     "max_concurrency": ((int,), 1),
+    "retries": ((int,), 0),
+    "retry_backoff_s": ((int, float), 0),
     "reuse_calls": ((int,), 1),
     "idle_s": ((int, float), 0.001),
 }
-_BOOLS = ("network", "traceback")
-PROFILE_KEYS = frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "preload"}
+_BOOLS = ("network", "traceback", "catch_up")
+# Keys that describe when a function runs, not how: only in a function's own table of functions.toml.
+SCHEDULE_KEYS = frozenset({"schedule", "every", "timezone", "catch_up"})
+PROFILE_KEYS = (frozenset(_NUMERIC) | frozenset(_BOOLS) | {"env", "entry_point", "preload"}) - SCHEDULE_KEYS
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_EVERY_S = 1.0
+
+
+def parse_every(value: Any) -> float:
+    """ "30s", "5m", "2h", "1d" (or a number of seconds) -> seconds; ValueError if it is none of these."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and len(value) > 1 and value[-1] in _UNITS:
+        seconds = float(value[:-1]) * _UNITS[value[-1]]
+    else:
+        raise ValueError(value)
+    if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
+        raise ValueError(value)
+    return seconds
+
+
+def _check_schedule_value(path: str, key: str, value: Any) -> Any:
+    if key == "every":
+        try:
+            return parse_every(value)
+        except ValueError:
+            raise ProfileError(path, key, f'must be a period such as "30s", "5m", "2h" or "1d" (at least '
+                                          f'{MIN_EVERY_S:g} s), not {value!r}') from None
+    if key == "schedule":
+        from croniter import croniter
+
+        if not isinstance(value, str) or not croniter.is_valid(value):
+            raise ProfileError(path, key, f'must be a cron line such as "0 7 * * *", not {value!r}')
+        return value
+    if key == "timezone":
+        import zoneinfo
+
+        try:
+            if not isinstance(value, str) or not value:
+                raise ValueError(value)
+            zoneinfo.ZoneInfo(value)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise ProfileError(path, key, f'must be an IANA time zone such as "Europe/Paris", not {value!r}') \
+                from None
+        return value
+    if not isinstance(value, bool):
+        raise ProfileError(path, key, f"must be true or false, not {value!r}")
+    return value
 # Environment variables the sandbox always sets itself; a profile may not override them.
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "PWD"})
 
@@ -96,6 +158,10 @@ def _check_value(path: str, key: str, value: Any) -> Any:
     if key in _BOOLS:
         if not isinstance(value, bool):
             raise ProfileError(path, key, f"must be true or false, not {value!r}")
+        return value
+    if key == "entry_point":
+        if not isinstance(value, str) or not value.isidentifier():
+            raise ProfileError(path, key, f"must be the name of a function in the module, not {value!r}")
         return value
     if key == "env":
         if not isinstance(value, dict):
@@ -127,7 +193,14 @@ def _check_table(path: str, table: Mapping[str, Any], allowed: frozenset[str]) -
     for key, value in table.items():
         if key not in allowed:
             raise ProfileError(path, key, f"unknown key (known: {', '.join(sorted(allowed))})")
-        out[key] = value if key == "profile" else _check_value(path, key, value)
+        if key == "profile":
+            out[key] = value
+        elif key in SCHEDULE_KEYS:
+            out[key] = _check_schedule_value(path, key, value)
+        else:
+            out[key] = _check_value(path, key, value)
+    if "schedule" in out and "every" in out:
+        raise ProfileError(path, "every", "a function has either `schedule` or `every`, not both")
     return out
 
 
@@ -154,6 +227,11 @@ class ProfileSet:
         extra = {k: v for k, v in over.items() if k != "profile"}
         return dataclasses.replace(base, **extra) if extra else base
 
+    def scheduled(self) -> dict[str, Profile]:
+        """Every function whose table in functions.toml has a `schedule` or an `every`."""
+        return {name: self.for_function(name) for name, over in self.overrides.items()
+                if "schedule" in over or "every" in over}
+
 
 def load_profiles(directory: str) -> ProfileSet:
     """Reads and validates every file of the folder; raises ProfileError on the first problem."""
@@ -178,7 +256,7 @@ def load_profiles(directory: str) -> ProfileSet:
         for fname, table in _read_toml(fpath).items():
             if not isinstance(table, dict):
                 raise ProfileError(fpath, fname, "must be a table, e.g. [hello]")
-            checked = _check_table(fpath, table, PROFILE_KEYS | {"profile"})
+            checked = _check_table(fpath, table, PROFILE_KEYS | SCHEDULE_KEYS | {"profile"})
             pname = checked.get("profile", "default")
             if not isinstance(pname, str) or pname not in profiles:
                 raise ProfileError(fpath, f"{fname}.profile", f"unknown profile {pname!r}")
@@ -253,8 +331,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def effective_table(pset: ProfileSet, names: list[str]) -> str:
-    cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_request_kb",
-            "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback"]
+    cols = ["timeout_s", "cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_disk_mb", "max_request_kb",
+            "max_response_kb", "max_log_kb", "network", "max_concurrency", "traceback", "entry_point"]
     rows = [["function", "profile", *cols, "env"]]
     for name in names:
         p = pset.for_function(name)

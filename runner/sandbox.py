@@ -1,15 +1,16 @@
 """The sandbox layers: slots (uid + cgroups + scratch), and what a forked child does before user code runs.
 
-A slot is one concurrent call's identity on this machine: uid/gid `uid_base + i`, the cgroups `slot-i`, and a
-lock file that says who holds it. Slots are machine-wide (several workers, several servers share the uid
-range), so they are claimed with flock(): the kernel releases a dead holder's claim by itself.
+A slot is one concurrent call's identity on this machine: uid/gid `uid_base + i` (its key), the cgroups
+`slot-<uid>`, and the lock on byte `uid` of `<slot_registry>/slots.lock` that says who holds it. Slots are
+machine-wide (several workers, several servers, each with its own FNBOX_STATE_DIR, may share uids), so they are
+claimed by uid in one registry per machine (runner.locks): the kernel releases a dead holder's claim by
+itself, and a server only ever kills, sweeps or reuses what runs under a uid whose lock it holds.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import os
 import resource
 import shutil
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from runner.cgroups import SlotCgroup, v1_base
+from runner import egress, fsview, syscalls
+from runner.cgroups import SlotCgroup, slot_dir, v1_base
 from runner.config import Settings
+from runner.locks import LockTable
 from runner.profiles import Profile
 
 PR_SET_PDEATHSIG = 1
@@ -59,6 +62,10 @@ def unshare(flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+# fnbox uses cgroup v1 controllers (cgroup v2 is not supported yet): what to do when one is missing.
+V1_HINT = (" (needs root and the cgroup v1 controller mounted under /sys/fs/cgroup; on a cgroup v2-only system boot "
+           "with systemd.unified_cgroup_hierarchy=0 on the kernel command line)")
+
 MIN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -70,6 +77,10 @@ class Slot:
     lock_fd: int
     cgroup: SlotCgroup | None
     netns: int | None = None  # an fd holding this slot's empty network namespace (root only), reused per call
+    key: int = 0  # uid_base + index (also without root): names the slot's lock, cgroups and scratch dirs
+    mntns: int | None = None  # an fd holding this slot's file system view skeleton (runner.fsview), if active
+    shared_dirs: tuple[str, ...] = ()  # Settings.shared_dirs, bound into the view
+    seccomp: syscalls.Program | None = None  # the fork server's compiled filter, loaded by each call
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,12 @@ class Layers:
     netns: bool
     userns: bool
     ipcns: bool = False
+    fsview: bool = False  # own mount namespace view + hidepid procfs + tmpfs /tmp of max_disk_mb
+    fsview_error: str = ""
+    seccomp: bool = False
+    cgroup_cpu: bool = False  # cpuacct per slot: cpu_s counts the whole process tree
+    egress: bool = False  # nftables: network=true calls reach out, never the host (runner/egress.py)
+    egress_error: str = ""
 
     def describe(self) -> dict[str, str]:
         def st(ok: bool, good: str, bad: str) -> str:
@@ -92,15 +109,16 @@ class Layers:
                            "not root: calls run as the server's uid (they can signal and read each other "
                            "and the server; RLIMIT_NPROC counts the server's processes too)"),
             "memory_cgroup": st(self.cgroup_memory, "kernel memory limit per call (swap 0), OOM = memory_limit",
-                                "no memory cgroup: only the psutil watchdog and RLIMIT_DATA cap memory"),
+                                "no memory cgroup: only the psutil watchdog and RLIMIT_DATA cap memory" + V1_HINT),
             "pids_cgroup": st(self.cgroup_pids, "pids.max per call caps fork and thread bombs",
-                              "no pids cgroup: only RLIMIT_NPROC caps fork bombs"),
+                              "no pids cgroup: only RLIMIT_NPROC caps fork bombs" + V1_HINT),
             "network_namespace": st(self.netns or self.userns, "network=false calls get an empty netns",
                                     "cannot unshare a network namespace: network=false is NOT enforced"),
             "ipc_namespace": st(self.ipcns, "SysV shared memory, semaphores and message queues and POSIX message "
                                             "queues of a call vanish with it",
                                 "a call's shared memory segments and message queues outlive it"),
-            "litter_sweep": st(self.root, "files a call's uid leaves in /tmp, /var/tmp, /dev/shm, /run/lock are "
+            "litter_sweep": "active: not needed: a call writes only to its own tmpfs, dropped with it" if self.fsview
+            else st(self.root, "files a call's uid leaves in /tmp, /var/tmp, /dev/shm, /run/lock are "
                                           "removed after it",
                                "not root: files a call leaves in /tmp, /dev/shm... stay (they are the server's)"),
             "rlimits": "active: cpu, data, fsize, nofile, core=0" + (", nproc" if self.root else
@@ -109,13 +127,33 @@ class Layers:
                 "and any OOM kill in the call's memory cgroup ends the call" if self.cgroup_memory else
                 "and tree memory (RSS, then PSS), polled by the fork server"),
             "scratch_dir": "active: fresh per call, removed afterwards",
+            "file_system_view": st(self.fsview, "a read-only root of its own per call (runtime, venv, its own "
+                                                "function; no project, profiles, history, /home, /root, /var, "
+                                                "/sys or host socket), a private /tmp of max_disk_mb",
+                                   "calls see the host's file system (as their uid may): "
+                                   + (self.fsview_error or "needs root and mount namespaces")),
+            "own_processes": st(self.fsview, "/proc mounted with hidepid=invisible: a call sees only its own "
+                                             "processes",
+                                "calls see every process of the machine in /proc"),
+            "disk_quota": st(self.fsview, "max_disk_mb caps /tmp (+ /dev/shm, /var/tmp): ENOSPC past it",
+                             "no cap on the total a call writes (only max_file_mb per file)"),
+            "syscall_filter": st(self.seccomp, "seccomp (libseccomp): namespaces, mounts, ptrace, keyring, bpf, "
+                                               "perf, io_uring, modules... fail with EPERM",
+                                 "no syscall filter (libseccomp or pyseccomp missing)"),
+            "network_egress": st(self.egress, "network=true calls cannot reach the host: loopback and every "
+                                              "local address refuse the sandbox uids (nftables)",
+                                 "network=true calls can reach every service of the host (127.0.0.1 included): "
+                                 + (self.egress_error or "needs root and nft")),
+            "cpu_cgroup": st(self.cgroup_cpu, "cpuacct per call: cpu_s counts every process of the call",
+                             "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up" + V1_HINT),
         }
 
 
 def probe_layers(settings: Settings) -> Layers:
     root = os.geteuid() == 0
-    mem = bool(root and v1_base("memory"))
-    pids = bool(root and v1_base("pids"))
+    mem = bool(root and v1_base("memory", settings.cgroup_parent))
+    pids = bool(root and v1_base("pids", settings.cgroup_parent))
+    cpu = bool(root and mem and v1_base("cpuacct", settings.cgroup_parent))
     netns = userns = ipcns = False
     if root:
         netns = _can_unshare(CLONE_NEWNET)
@@ -123,7 +161,40 @@ def probe_layers(settings: Settings) -> Layers:
     else:
         # Unprivileged, the IPC namespace comes with the user namespace, i.e. only for network=false calls.
         userns = _can_unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
-    return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns)
+    view, view_error = _probe_view(settings) if root else (False, "")
+    seccomp = syscalls.compile_program() is not None
+    out, out_error = False, ""
+    if root:
+        try:  # nft -c: checked against the kernel, nothing changed (the doctor calls this too)
+            egress.check(settings.uid_base, settings.slots)
+            out = True
+        except egress.EgressError as e:
+            out_error = str(e)
+    return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns,
+                  fsview=view, fsview_error=view_error, seccomp=seccomp, cgroup_cpu=cpu, egress=out,
+                  egress_error=out_error)
+
+
+def view_spec(settings: Settings) -> fsview.ViewSpec:
+    parent = settings.cgroup_parent
+    bases = ([b for b in (v1_base("memory", parent), v1_base("pids", parent), v1_base("cpuacct", parent)) if b]
+             if os.geteuid() == 0 else [])
+    return fsview.ViewSpec(functions_dir=os.path.realpath(settings.functions_dir),
+                           ro_trees=fsview.runtime_trees(settings.data_dir), uid_base=settings.uid_base,
+                           slots=settings.slots,
+                           cgroup_dirs=tuple(slot_dir(b, settings.uid_base + i) for b in bases
+                                             for i in range(settings.slots)),
+                           shared_dirs=settings.shared_dirs)
+
+
+def _probe_view(settings: Settings) -> tuple[bool, str]:
+    """Builds one real skeleton (a few ms, once per fork server): the layer is active only if that works."""
+    try:
+        fd = fsview.build(view_spec(settings), os.path.join(settings.state_dir, "view"))
+    except OSError as e:
+        return False, str(e)
+    os.close(fd)
+    return True, ""
 
 
 def _can_unshare(flags: int) -> bool:
@@ -144,15 +215,12 @@ class SlotPool:
     def __init__(self, settings: Settings, layers: Layers) -> None:
         self.settings = settings
         self.layers = layers
-        self.lock_dir = os.path.join(settings.state_dir, "slots")
-        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
-        self._mem_base = v1_base("memory") if layers.cgroup_memory else None
-        self._pids_base = v1_base("pids") if layers.cgroup_pids else None
-        self._fds: dict[int, int] = {}
-        # flock() succeeds again on a lock the same open file already holds: without this set, a slot still in
-        # use by one of our calls would be handed out again once the cycle comes back to it (its cgroup killed,
-        # its uid shared by two calls).
-        self._held: set[int] = set()
+        os.makedirs(settings.slot_registry, mode=0o700, exist_ok=True)
+        self.registry = LockTable(os.path.join(settings.slot_registry, "slots.lock"))
+        self._mem_base = v1_base("memory", settings.cgroup_parent) if layers.cgroup_memory else None
+        self._pids_base = v1_base("pids", settings.cgroup_parent) if layers.cgroup_pids else None
+        self._held: set[int] = set()  # slot indexes held by this fork server
+        self._cpu_base = v1_base("cpuacct", settings.cgroup_parent) if layers.cgroup_cpu else None
         self._cgroups: dict[int, SlotCgroup] = {}
         self._netns_fds: dict[int, int] = {}
         os.makedirs(settings.scratch_dir, mode=0o711, exist_ok=True)
@@ -163,27 +231,28 @@ class SlotPool:
             raise RuntimeError(f"{settings.scratch_dir} is not a folder owned by uid {os.geteuid()}: refusing to "
                                "use it as the scratch folder")
         os.chmod(settings.scratch_dir, 0o711)  # sandbox uids may enter their own dir, never list the others
-        self.litter_dirs = _litter_dirs() if layers.root else []
+        # With a file system view, a call writes only to its own tmpfs: there is no host folder to sweep.
+        self.litter_dirs = _litter_dirs() if layers.root and not layers.fsview else []
+        self._mntns_fd: int | None = None
+        self.seccomp = syscalls.compile_program() if layers.seccomp else None  # compiled once, loaded per call
+        if layers.egress:
+            egress.install_or_warn(settings.uid_base, settings.slots)
 
-    def _lock_fd(self, i: int) -> int:
-        fd = self._fds.get(i)
-        if fd is None:
-            fd = os.open(os.path.join(self.lock_dir, f"{i}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fds[i] = fd
-        return fd
-
-    def sweep(self, reap=None) -> list[str]:
+    def sweep(self) -> list[str]:
         """Ends what calls of a dead fork server left in the slots nobody holds: a call's main process dies with
         its fork server (PDEATHSIG), its grandchildren and daemons do not, and its scratch dir stays. Runs once,
         when a fork server starts. One slot at a time is locked (never all: other servers keep starting calls),
         so no call starts in a slot while it is swept. Files its uid left in the litter folders are removed too.
         Returns the orphaned folders, already made root's, for a janitor to remove."""
         by_slot: dict[int, list[str]] = {}
-        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot>-<fork server pid>-<call>"
+        first = self.settings.uid_base
+        with os.scandir(self.settings.scratch_dir) as entries:  # named "<slot uid>-<fork server pid>-<call>"
             for e in entries:
                 head = e.name.split("-", 1)[0]
-                if head.isdigit() and e.is_dir(follow_symlinks=False):
-                    by_slot.setdefault(int(head), []).append(e.path)
+                # Another server's uids (a scratch folder may be shared) are not ours to sweep.
+                if (head.isdigit() and first <= int(head) < first + self.settings.slots
+                        and e.is_dir(follow_symlinks=False)):
+                    by_slot.setdefault(int(head) - first, []).append(e.path)
         litter: dict[int, list[tuple[str, str, bool]]] = {}  # uid -> (folder, name, is a dir)
         for d in self.litter_dirs:
             try:
@@ -198,7 +267,8 @@ class SlotPool:
             except OSError:
                 pass
         uid_pids: dict[int, list[int]] = {}
-        if not self._mem_base and self.layers.root:  # no cgroup names a slot's processes: their uid does
+        # Also with cgroups: a server with another FNBOX_CGROUP_PARENT may have left processes under our uids.
+        if self.layers.root:
             last = self.settings.uid_base + self.settings.slots
             for p in psutil.process_iter(["uids"]):
                 uids = p.info["uids"]
@@ -210,15 +280,12 @@ class SlotPool:
             if i in self._held or not (by_slot.get(i) or uid_pids.get(uid) or litter.get(uid)
                                        or self._cgroup_busy(i)):
                 continue
-            fd = self._lock_fd(i)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not self.registry.try_claim(uid):
                 continue  # in use by a live fork server
             try:
                 if self._mem_base:
-                    self._cgroup(i).kill_all(reap)
-                elif uid in uid_pids:
+                    self._cgroup(i).kill_all()  # a dead fork server's calls: not our children
+                if uid in uid_pids:
                     kill_uids({uid})
                 for path in by_slot.get(i, []):
                     try:
@@ -237,7 +304,7 @@ class SlotPool:
                     except OSError:
                         pass
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                self.registry.release(uid)
         return orphans
 
     def _cgroup_busy(self, i: int) -> bool:
@@ -247,7 +314,7 @@ class SlotPool:
         if base is None:
             return False
         try:
-            with open(os.path.join(base, f"slot-{i}", "cgroup.procs")) as f:
+            with open(os.path.join(slot_dir(base, self.settings.uid_base + i), "cgroup.procs")) as f:
                 return bool(f.read(1))
         except OSError:
             return False
@@ -256,8 +323,24 @@ class SlotPool:
         cg = self._cgroups.get(i)
         if cg is None:
             assert self._mem_base is not None
-            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, i)
+            cg = self._cgroups[i] = SlotCgroup(self._mem_base, self._pids_base, self.settings.uid_base + i,
+                                               cpuacct_base=self._cpu_base)
         return cg
+
+    def litter_changed(self, stamp: tuple[int, ...]) -> bool:
+        """Whether some litter folder got an entry since the stamp (a few stat() calls: O(1) per call)."""
+        return self.litter_stamp() != stamp
+
+    def litter_small(self, limit: int = 64 * 1024) -> bool:
+        """Whether every litter folder is small enough to sweep at once (a directory's st_size grows with its
+        entries: 20 bytes each on tmpfs); a folder of 100 000 files is swept by a janitor process instead."""
+        for d in self.litter_dirs:
+            try:
+                if os.stat(d).st_size > limit:
+                    return False
+            except OSError:
+                pass
+        return True
 
     def litter_stamp(self) -> tuple[int, ...]:
         """The litter folders' mtimes: a folder whose mtime did not change got no new entry."""
@@ -301,26 +384,23 @@ class SlotPool:
                 os.close(dfd)
         return later
 
-    def acquire(self, reap=None) -> Slot | None:
+    def acquire(self) -> Slot | None:
         # Lowest free slot first: the slots in use (and the lock fds and namespaces cached for them) stay as few
         # as the calls ever in flight at once.
         for i in range(self.settings.slots):
-            if i in self._held:
-                continue
-            fd = self._lock_fd(i)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if i in self._held or not self.registry.try_claim(self.settings.uid_base + i):
                 continue
             self._held.add(i)
             cg = None
             if self._mem_base:
                 cg = self._cgroup(i)
                 cg.forget_limits()  # another fork server may have used this slot since we last set them
-                # A previous holder that died (kill -9 of a fork server) may have left processes behind.
-                cg.kill_all(reap)
+                # A previous holder that died (kill -9 of a fork server) may have left processes behind (never
+                # ours: we release a slot only once its processes are gone, so there is nothing for us to reap).
+                cg.kill_all()
             uid = self.settings.uid_base + i if self.layers.root else None
-            return Slot(i, uid, uid, fd, cg, self._netns(i))
+            return Slot(i, uid, uid, self.registry.fd, cg, self._netns(i), key=self.settings.uid_base + i,
+                        mntns=self._mntns(i, cg), shared_dirs=self.settings.shared_dirs, seccomp=self.seccomp)
         return None
 
     def _netns(self, i: int) -> int | None:
@@ -357,15 +437,25 @@ class SlotPool:
                 os.waitpid(pid, 0)
         return fd
 
+    def _mntns(self, i: int, cg: SlotCgroup | None) -> int | None:
+        """The file system view skeleton (runner.fsview): built once per fork server, when a slot is first
+        claimed, and entered by every call."""
+        if not self.layers.fsview or not self.layers.root:
+            return None
+        if self._mntns_fd is None:
+            self._mntns_fd = fsview.build(view_spec(self.settings), os.path.join(self.settings.state_dir, "view"))
+        return self._mntns_fd
+
     def release(self, slot: Slot) -> None:
-        fcntl.flock(slot.lock_fd, fcntl.LOCK_UN)
+        self.registry.release(slot.key)
         self._held.discard(slot.index)
 
     def close(self) -> None:
-        for fd in (*self._fds.values(), *self._netns_fds.values()):
+        self.registry.close()
+        for fd in (*self._netns_fds.values(), *filter(None, [self._mntns_fd])):
             os.close(fd)
-        self._fds.clear()
         self._netns_fds.clear()
+        self._mntns_fd = None
 
 
 def _litter_dirs() -> list[str]:
@@ -406,12 +496,19 @@ def kill_uids(uids: set[int], rounds: int = 5) -> None:
             return
 
 
-def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
-    """Kills every process of the call: the cgroup's members, else every process of the slot's uid, else the
-    main process's session and the psutil tree below it."""
+def kill_slot(slot: Slot, main_pid: int) -> bool:
+    """One pass over the call's processes, SIGKILLing each: the cgroup's members, else every process of the
+    slot's uid, else the main process's session and the psutil tree below it. Never waits: True when the call
+    has no process left. The fork server calls it again from its main loop, after reaping, until it is so (a
+    killed child of ours stays listed until it is reaped; a fork bomb adds processes meanwhile)."""
     if slot.cgroup is not None:
-        slot.cgroup.kill_all(reap)
-        return
+        pids = slot.cgroup.procs()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not pids
     victims: set[int] = set()
     try:
         proc = psutil.Process(main_pid)
@@ -435,10 +532,11 @@ def kill_slot(slot: Slot, main_pid: int, reap=None) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    return True  # best effort: without a cgroup nothing names the call's processes reliably
 
 
 def make_scratch(settings: Settings, slot: Slot, call_id: str) -> str:
-    path = os.path.join(settings.scratch_dir, f"{slot.index}-{call_id}")
+    path = os.path.join(settings.scratch_dir, f"{slot.key}-{call_id}")
     os.mkdir(path, 0o700)
     if slot.uid is not None:
         os.chown(path, slot.uid, slot.gid)
@@ -476,13 +574,20 @@ def _close_fds_except(keep: list[int]) -> None:
     os.closerange(lo, 1 << 20)
 
 
+_parent = 0  # the fork server's pid, seen by prepare(): assign() checks that it still lives
+_cgroup_trees: list[tuple[int, str]] = []  # the slot's cgroup folders, cloned by prepare() for assign()
+
+
 def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: list[int]) -> None:
-    """The part of entering the sandbox that does not depend on the call: identity, cgroups, namespaces, cwd,
-    fds. A spare child does it ahead of demand (off the request path); an on-demand child right after fork.
+    """The part of entering the sandbox that does not depend on the call: session, cgroups, network and IPC
+    namespaces, cwd, fds. A spare child does it ahead of demand (off the request path); an on-demand child right
+    after fork. The process stays root: the file system view needs the call's function and max_disk_mb, so it
+    is entered by assign(), which then drops the identity.
 
     Order matters: cgroups and namespaces need privileges, so they come before the identity drop.
     """
-    parent = os.getppid()
+    global _parent
+    _parent = os.getppid()
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the fork server is single-threaded: this is safe here
     if slot.cgroup is not None:
@@ -499,7 +604,14 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
         unshare(flags)
     # By fd: the fork server renames a spare's scratch dir when it hands it a call, maybe before we get here.
     os.fchdir(scratch_fd)
-    _close_fds_except(keep)
+    global _cgroup_trees
+    if slot.mntns is not None and slot.cgroup is not None:  # bound into the view by assign()
+        _cgroup_trees = fsview.cgroup_trees(slot.cgroup.dirs())
+    _close_fds_except([*keep, *([slot.mntns] if slot.mntns is not None else []), *(t for t, _ in _cgroup_trees)])
+    sys.dont_write_bytecode = True
+
+
+def _drop_identity(slot: Slot) -> None:
     if slot.uid is not None:
         os.setgroups([])
         os.setresgid(slot.gid, slot.gid, slot.gid)
@@ -509,18 +621,28 @@ def prepare(slot: Slot, scratch_fd: int, layers: Layers, network: bool, keep: li
     # Changing credentials also cleared the parent-death signal: without this, a call would outlive a killed
     # fork server with no one left to enforce its limits. If the parent already died, stop here.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
+    if os.getppid() != _parent:
         os._exit(71)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    sys.dont_write_bytecode = True
 
 
-def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int) -> None:
-    """The call's own part: its pipes become fds 0-3 (nothing else stays open), its environment, its rlimits.
+def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int,
+           functions_dir: str = "", function: str = "") -> None:
+    """The call's own part: its file system view (its function, its /tmp of max_disk_mb), then its identity,
+    its pipes as fds 0-3 (nothing else stays open), its environment, its rlimits, and last the syscall filter.
 
-    Runs after prepare(), already as the call's uid: an unprivileged process may always lower its own limits,
-    and RLIMIT_NPROC then counts exactly this uid's processes (the call's own).
+    An unprivileged process may always lower its own limits, and RLIMIT_NPROC then counts exactly this uid's
+    processes (the call's own).
     """
+    if slot.mntns is not None:
+        # Detached copies of exactly this function's files, taken on the host side, then the view.
+        with fsview.fs_identity(slot.uid, slot.gid):  # only what the call's uid may read
+            sources = fsview.clone_sources(fsview.function_sources(functions_dir, function))
+        fsview.enter(slot.mntns, os.path.realpath(functions_dir), sources, profile.max_disk_mb,
+                     slot.shared_dirs, _cgroup_trees)
+        os.close(slot.mntns)
+        scratch = fsview.TMP
+    _drop_identity(slot)
     stdin_r, out_w, result_w = fds
     os.dup2(stdin_r, 0)
     os.dup2(out_w, 1)
@@ -546,13 +668,16 @@ def assign(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base
         limits[resource.RLIMIT_NPROC] = (profile.max_processes, profile.max_processes)
     for res, lim in limits.items():
         resource.setrlimit(res, lim)
+    if slot.seccomp is not None:
+        slot.seccomp.load()
 
 
-def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int, layers: Layers) -> None:
+def enter(profile: Profile, slot: Slot, scratch: str, fds: list[int], data_base: int, layers: Layers,
+          functions_dir: str = "", function: str = "") -> None:
     """Both halves at once, for a child forked on demand (no spare, or a call that wants the network)."""
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     prepare(slot, fd, layers, profile.network, keep=list(fds))
-    assign(profile, slot, scratch, fds, data_base)
+    assign(profile, slot, scratch, fds, data_base, functions_dir, function)
 
 
 def data_usage() -> int:

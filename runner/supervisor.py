@@ -27,11 +27,21 @@ from runner.config import REPO_ROOT, Settings
 from runner.instances import profile_digest
 from runner.preload import PreloadTracker
 from runner.profiles import Profile
-from runner.protocol import MAX_HEADER, ProtocolError, encode_frame, recv_msg, send_msg, split_frame
+from runner.protocol import (
+    MAX_HEADER,
+    BadFrame,
+    ErrorFrame,
+    ResponseFrame,
+    Truncated,
+    encode_frame,
+    parse_result,
+    recv_msg,
+    send_msg,
+)
 
 START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
+RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # backoff between attempts to start a fork server that failed to start
 GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
-FORWARDED_ENV = ("FNBOX_STATE_DIR", "FNBOX_SCRATCH_DIR", "FNBOX_UID_BASE", "FNBOX_SANDBOX_SLOTS", "FNBOX_SPARES")
 
 
 class Unavailable(Exception):
@@ -56,7 +66,8 @@ class CallResult:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     error_type: str | None = None
-    traceback: str | None = None
+    traceback: str | None = None  # from the function's own first frame on
+    full_traceback: str | None = None  # with the runner's and Flask's frames, for the server log
     output: bytes = b""
     output_dropped: int = 0
     exitcode: int | None = None
@@ -65,6 +76,7 @@ class CallResult:
     max_rss_kb: int | None = None
     sandbox_ms: float = 0.0  # from the call's start until the spawn request was sent and acknowledged
     wall_ms: float = 0.0
+    answer_outcome: str | None = None  # set when the call ended otherwise than it answered (see _ended)
     _waiter: _Waiter | None = field(default=None, repr=False)
 
     @property
@@ -78,8 +90,19 @@ class CallResult:
             return True
         if not self._waiter.event.wait(timeout):
             return False
-        _fill_exit(self, self._waiter.msg or {})
+        self._ended(self._waiter.msg or {})
         return True
+
+    def _ended(self, msg: dict[str, Any]) -> None:
+        """The fork server's report for a call that answered before its processes were gone. A call ends when
+        its process tree ends: if it was then killed (its timeout, its memory) or died, that is its outcome,
+        whatever it answered (`answer_outcome` keeps what the client got)."""
+        _fill_exit(self, msg)
+        late = msg.get("outcome")
+        if self.outcome == outcomes.OK and late and late != outcomes.OK:
+            self.answer_outcome = self.outcome
+            self.outcome = late
+            self.message = f"{msg.get('message') or late} (after the function had answered)"
 
     def when_complete(self, fn: Callable[[CallResult], object]) -> None:
         """Runs fn(self) once the call's processes are all gone and its cpu/memory figures are known: at once if
@@ -89,7 +112,7 @@ class CallResult:
             return
 
         def complete(msg: dict[str, Any]) -> None:
-            _fill_exit(self, msg)
+            self._ended(msg)
             fn(self)
 
         self._waiter.then(complete)
@@ -133,11 +156,9 @@ class _ForkServerProcess:
 
     def __init__(self, settings: Settings) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # No FNBOX_* variable and no secret: the settings follow as the first control message.
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": REPO_ROOT,
                "PYTHONDONTWRITEBYTECODE": "1"}
-        env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-        env["FNBOX_SCRATCH_DIR"] = settings.scratch_dir
-        env["FNBOX_STATE_DIR"] = settings.state_dir
         try:
             self.proc = subprocess.Popen(
                 [settings.python, "-m", "runner.forkserver", str(child.fileno())],
@@ -153,12 +174,14 @@ class _ForkServerProcess:
         self.dead = False
         parent.settimeout(START_TIMEOUT)
         try:
+            send_msg(parent, {"op": "settings", "settings": settings.to_dict()})
             msg, _ = recv_msg(parent)
         except OSError:
             msg = None
         if not msg or msg.get("op") != "ready":
             self.kill()
-            raise Unavailable("the fork server did not start")
+            code = self.proc.returncode
+            raise Unavailable("the fork server did not start" + (f" (it exited with {code})" if code else ""))
         parent.settimeout(None)
         self.pid: int = msg["pid"]
         self.layers: dict[str, str] = msg.get("layers", {})
@@ -213,11 +236,53 @@ class Supervisor:
         self._closing = False
         self.restarts = 0
         self.last_error: str | None = None
+        self._retrying: threading.Thread | None = None
+        self.next_attempt = 0.0  # monotonic time of the next start attempt while retrying
+        self._wake = threading.Event()  # ends a retry's wait early when the server closes
 
     # -- fork server lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Starts the fork server now; raises Unavailable if it cannot (`fnbox run`)."""
         with self._lock:
             self._ensure_locked()
+
+    def start_or_retry(self) -> None:
+        """Starts the fork server, or, when it cannot start, keeps trying in the background with backoff. Never
+        raises: a Gunicorn worker that fails to boot makes the master stop the whole server, whereas a worker
+        without a fork server answers 503 unavailable (and /healthz says why) until the cause is gone."""
+        try:
+            self.start()
+        except Unavailable as e:
+            print(f"fnbox: {e}; retrying in the background", file=sys.stderr)
+            self._retry_in_background()
+
+    def _retry_in_background(self) -> None:
+        with self._lock:
+            if self._closing or (self._retrying is not None and self._retrying.is_alive()):
+                return
+            self._retrying = threading.Thread(target=self._retry_loop, name="fnbox-forkserver-retry", daemon=True)
+            self._retrying.start()
+
+    def _retry_loop(self) -> None:
+        delay = RETRY_FIRST
+        while not self._closing:
+            self.next_attempt = time.monotonic() + delay
+            self._wake.wait(delay)
+            if self._closing:
+                return
+            try:
+                self.start()
+            except Unavailable as e:
+                delay = min(RETRY_MAX, delay * 2)
+                print(f"fnbox: {e}; next attempt in {delay:g} s", file=sys.stderr)
+                continue
+            print(f"fnbox: fork server {self.pid} started", file=sys.stderr)
+            return
+
+    @property
+    def retrying(self) -> bool:
+        t = self._retrying
+        return t is not None and t.is_alive()
 
     def _ensure_locked(self) -> _ForkServerProcess:
         if self._closing:
@@ -239,8 +304,15 @@ class Supervisor:
         fs = self._fs
         if fs is not None and not fs.dead:
             return fs
-        with self._lock:
-            return self._ensure_locked()
+        if self.retrying:  # a call never waits for a start: the retry thread owns them until one succeeds
+            raise Unavailable(f"{self.last_error or 'the fork server is not running'} (retrying)")
+        try:
+            with self._lock:
+                return self._ensure_locked()
+        except Unavailable:
+            if not self._closing:
+                self._retry_in_background()
+            raise
 
     def _read_loop(self, fs: _ForkServerProcess) -> None:
         while True:
@@ -265,13 +337,11 @@ class Supervisor:
             if self._on_restart:
                 self._on_restart()
             print(f"fnbox: fork server {fs.pid} exited ({fs.proc.returncode}); restarting", file=sys.stderr)
-            try:
-                self.start()
-            except Unavailable as e:
-                print(f"fnbox: {e}", file=sys.stderr)
+            self.start_or_retry()
 
     def close(self) -> None:
         self._closing = True
+        self._wake.set()
         with self._lock:
             fs, self._fs = self._fs, None
         if fs is not None:
@@ -311,8 +381,11 @@ class Supervisor:
         res_r, res_w = os.pipe()
         try:
             waiter = fs.register(call_id)
+            # The fork server gets the limits it enforces and nothing of the call's data: no [env] value (they go
+            # to the child over its stdin, below), no request, no result. Every child inherits the fork server's
+            # memory, so whatever it ever held could be read by any later call.
             msg = {"op": "spawn", "id": call_id, "function": inv.function, "functions_dir": inv.functions_dir,
-                   "profile": inv.profile.to_dict(), "request_id": inv.request_id}
+                   "profile": dict(inv.profile.to_dict(), env={}), "request_id": inv.request_id}
             if inv.profile.reuse_calls > 1:  # performance hook: warm instances key on the whole profile
                 msg["profile_key"] = profile_digest(inv.profile)
             try:
@@ -328,7 +401,8 @@ class Supervisor:
             for fd in (stdin_r, out_w, res_w):
                 os.close(fd)
         sandbox_ms = (time.monotonic() - t0) * 1000
-        payload = encode_frame({"environ": inv.environ, "request_id": inv.request_id}) + inv.body
+        payload = encode_frame({"environ": inv.environ, "request_id": inv.request_id,
+                                "env": dict(inv.profile.env)}) + inv.body
         io = _CallIO(stdin_w, out_r, res_r, payload, inv.profile)
         deadline = t0 + inv.profile.timeout_s + GRACE
         drained = io.run(deadline, waiter)
@@ -457,15 +531,18 @@ def _fill_exit(r: CallResult, exit_msg: dict[str, Any]) -> None:
 
 
 def _early_result(io: _CallIO) -> CallResult | None:
-    """The call's answer from a complete, valid result frame, before the exit report; None if there is none."""
+    """The call's answer from a complete result frame, before the exit report; None if there is none yet."""
     if not io.result_eof or io.overflow:
         return None
     try:
-        header, body = split_frame(bytes(io.result))
-    except ProtocolError:
+        frame = parse_result(bytes(io.result))
+    except Truncated:
         return None  # wait for the report: a crash, a kill or a limit explains it
+    except BadFrame as e:
+        return _bad_frame(CallResult(outcome=outcomes.OK, output=bytes(io.output),
+                                     output_dropped=io.output_dropped), e)
     r = CallResult(outcome=outcomes.OK, output=bytes(io.output), output_dropped=io.output_dropped)
-    _apply_frame(r, header, body)
+    _apply_frame(r, frame)
     return r
 
 
@@ -479,21 +556,31 @@ def _compose(exit_msg: dict[str, Any], io: _CallIO) -> CallResult:
     if r.outcome != outcomes.OK:
         return r
     try:
-        header, body = split_frame(bytes(io.result))
-    except ProtocolError as e:
+        frame = parse_result(bytes(io.result))
+    except Truncated as e:
         r.outcome, r.message = outcomes.CRASHED, f"the function's process sent no valid result ({e})"
         return r
-    _apply_frame(r, header, body)
+    except BadFrame as e:
+        return _bad_frame(r, e)
+    _apply_frame(r, frame)
     return r
 
 
-def _apply_frame(r: CallResult, header: dict[str, Any], body: bytes) -> None:
-    if header.get("kind") == "response":
-        r.status, r.body = str(header.get("status")), body
-        r.headers = [(str(k), str(v)) for k, v in header.get("headers", [])]
+def _bad_frame(r: CallResult, e: BadFrame) -> CallResult:
+    """User code wrote its own result on fd 3, and it does not hold: the function's error, not the platform's."""
+    r.outcome = outcomes.FUNCTION_ERROR
+    r.error_type = "InvalidResult"
+    r.message = f"the function's process sent an invalid result: {e}"
+    return r
+
+
+def _apply_frame(r: CallResult, frame: ResponseFrame | ErrorFrame) -> None:
+    if isinstance(frame, ResponseFrame):
+        r.status, r.headers, r.body = frame.status, frame.headers, frame.body
         return
-    outcome = header.get("outcome")
-    r.outcome = outcome if outcome in outcomes.ALL and outcome != outcomes.OK else outcomes.CRASHED
-    r.message = str(header.get("message", ""))
-    r.error_type = header.get("type")
-    r.traceback = header.get("traceback")
+    r.outcome = frame.outcome
+    r.message = frame.message
+    r.error_type = frame.type
+    r.traceback = frame.traceback
+    full = frame.header.get("full_traceback")
+    r.full_traceback = full if isinstance(full, str) else None  # for the server log only

@@ -1,10 +1,18 @@
 """Test harness: real Gunicorn servers on free loopback ports, with temporary functions and profiles.
 
 Every process a test starts is ended by its pid (the Gunicorn master's process group), never by name.
+
+Tests own their world: the servers of one test process run their calls as sandbox uids of their own
+(UID_BASE.., per process, apart from a real server's 61000.. and from other test runs), in a cgroup parent and
+a scratch folder of their own, and each server has its own state and data folders. Slot claims are by uid in
+the machine-wide registry, so even a server whose uids overlap ours (a `make run` with FNBOX_UID_BASE set, another
+helper's test run) cannot take, sweep or kill our calls, nor we theirs; the leftover checks below count only
+our uid range and scratch folder.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -24,9 +32,73 @@ import requests
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 GUNICORN = os.path.join(REPO, ".venv", "bin", "gunicorn")
-UID_BASE = 61000
 SLOTS = 256
-SCRATCH = "/var/tmp/fnbox-scratch" if os.geteuid() == 0 else f"/tmp/fnbox-scratch-{os.geteuid()}"
+# 256 uids per test process: 400000 + (pid % 8192) * 256, below 2.5 M, apart from the 100000..330000 of
+# tests/faultkit.py's roles, from nobody (65534) and from a real server's default 61000..; uids are 32-bit.
+UID_BASE = 400_000 + (os.getpid() % 8192) * SLOTS
+SCRATCH = f"/tmp/fnbox-test-scratch-{os.getpid()}"
+CGROUP_PARENT = f"fnbox-test-{os.getpid()}"
+_OWNER = os.getpid()  # a forked helper process must not remove the world of the test process
+
+
+def cgroup_dirs(parent: str = CGROUP_PARENT) -> list[str]:
+    """The folders a server with this FNBOX_CGROUP_PARENT makes under our own cgroup, in every hierarchy."""
+    own: dict[str, str] = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _hid, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(",") if ctrls else ["unified"]:
+                    own[c.removeprefix("name=")] = path
+    except OSError:
+        return []
+    out = []
+    try:
+        mounts = os.listdir("/sys/fs/cgroup")
+    except OSError:
+        return []
+    for mount in mounts:
+        ctrls = [c for c in mount.split(",") if c in own]
+        if not ctrls:
+            continue
+        for d in (os.path.join("/sys/fs/cgroup", mount, own[ctrls[0]].lstrip("/"), parent),
+                  os.path.join("/sys/fs/cgroup", mount, parent)):
+            if os.path.isdir(d) and d not in out:
+                out.append(d)
+    return out
+
+
+def remove_cgroups(parent: str = CGROUP_PARENT) -> None:
+    """Removes a test cgroup parent (empty cgroups only: a cgroup that still holds a process stays)."""
+    for top in cgroup_dirs(parent):
+        for root, _dirs, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+
+
+def _remove_world() -> None:
+    if os.getpid() != _OWNER:
+        return
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    remove_cgroups()
+
+
+atexit.register(_remove_world)
+
+
+# Calls see only their own file system view (runner/fsview.py): folders a test shares with its calls (markers,
+# traces) are made under SHARED, which every test server binds into its calls' views (FNBOX_SANDBOX_SHARED_DIRS).
+SHARED = tempfile.mkdtemp(prefix="fnbox-test-shared-", dir="/tmp")
+os.chmod(SHARED, 0o755)
+_SHARED_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_shared() -> None:
+    if os.getpid() == _SHARED_OWNER:
+        shutil.rmtree(SHARED, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -59,16 +131,25 @@ class Server:
         # Deployed versions and call history: per server, readable by sandbox uids (packages are symlinks there).
         self.data_dir = tempfile.mkdtemp(prefix="fnbox-test-data-", dir="/tmp")
         os.chmod(self.data_dir, 0o755)
+        self.state_dir = tempfile.mkdtemp(prefix="fnbox-test-state-", dir="/tmp")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Each server gets its own metrics folder (ops/gunicorn.conf.py makes one): a PROMETHEUS_MULTIPROC_DIR left
         # in this process's environment (a test that runs the config file in-process sets it) is another server's.
         inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        world = {"FNBOX_UID_BASE": str(UID_BASE), "FNBOX_SANDBOX_SLOTS": str(SLOTS), "FNBOX_SCRATCH_DIR": SCRATCH,
+                 "FNBOX_CGROUP_PARENT": CGROUP_PARENT, "FNBOX_STATE_DIR": self.state_dir}
         self.env = dict(inherited, FNBOX_BIND=f"127.0.0.1:{self.port}", FNBOX_FUNCTIONS_DIR=self.functions_dir,
                         FNBOX_PROFILES_DIR=self.profiles_dir, FNBOX_DATA_DIR=self.data_dir, FNBOX_WORKERS=str(workers),
-                        FNBOX_THREADS=str(threads), **(env or {}))
+                        FNBOX_THREADS=str(threads), FNBOX_SANDBOX_SHARED_DIRS=SHARED, **world)
+        self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="fnbox-test-log-"), "server.log")
+
+    @property
+    def db_path(self) -> str:
+        """The server's call history database."""
+        return os.path.join(self.data_dir, "history.sqlite3")
 
     def write_function(self, name: str, src: str) -> str:
         path = os.path.join(self.functions_dir, name if name.endswith(".py") or "/" in name else name + ".py")
@@ -158,6 +239,7 @@ class Server:
         shutil.rmtree(self.functions_dir, ignore_errors=True)
         shutil.rmtree(self.profiles_dir, ignore_errors=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 SPARE = re.compile(r"^\d+-\d+-s\d+$")  # an idle spare's scratch dir; a call's is renamed when it starts
@@ -252,6 +334,23 @@ def assert_nothing_left(since: float, timeout: float = 3.0) -> None:
         time.sleep(0.05)
 
 
+def server_fixture(name: str = "server", **kw) -> object:
+    """A module-scoped fixture named `name` that runs one Server(**kw) for the whole test file:
+    `server = server_fixture(functions=FUNCTIONS)` in a test module. The server is stopped (by pid) even when
+    its start fails."""
+
+    @pytest.fixture(scope="module", name=name)
+    def _server() -> Iterator[Server]:
+        s = Server(**kw)
+        try:
+            s.start()
+            yield s
+        finally:
+            s.stop()
+
+    return _server
+
+
 @pytest.fixture
 def make_server() -> Iterator:
     servers: list[Server] = []
@@ -267,5 +366,5 @@ def make_server() -> Iterator:
 
 
 __all__ = ["Server", "assert_nothing_left", "dedent", "free_port", "sandbox_files", "sandbox_processes",
-           "scratch_entries"]
+           "scratch_entries", "server_fixture"]
 _ = sys

@@ -6,7 +6,9 @@ Isolation: a server started with `isolated_env()` runs its calls as uids uid_bas
 the other test files, and per process) with its own scratch folder, and `follow()` points conftest's leftover checks
 (`sandbox_processes`, `scratch_entries`, `sandbox_files`, `assert_nothing_left`) at them. Killing processes and
 counting leftovers then concerns that server only, even while another test run on the machine has calls in
-flight. Slot locks and slot cgroups stay machine-wide (FNBOX_STATE_DIR is shared), as the runner requires.
+flight. Slot claims are machine-wide by uid (the runner's one slot registry per machine), so even overlapping
+ranges could not collide; the ranges keep the leftover counts apart. Cgroup parent and state folder: the
+conftest Server's own (per test process, per server).
 """
 
 from __future__ import annotations

@@ -262,8 +262,9 @@ def footprint(srv: Server) -> dict[str, int]:
     per sandbox slot it ever used (at most 2 x FNBOX_SANDBOX_SLOTS), a worker a lock file per concurrency place it
     ever tried (at most the sum of max_concurrency plus max_calls). Every other fd must be back to its count at
     the start."""
-    state = Settings.from_env(srv.env).state_dir
-    slot_locks, conc_locks = os.path.join(state, "slots") + "/", os.path.join(state, "concurrency") + "/"
+    settings = Settings.from_env(srv.env)
+    slot_locks = settings.slot_registry + "/"
+    conc_locks = os.path.join(settings.state_dir, "concurrency") + "/"
     out = {"rss": 0, "fds": 0, "threads": 0, "slot_lock_fds": 0, "concurrency_lock_fds": 0,
            "rss_master": 0, "rss_workers": 0, "rss_fork_servers": 0}
     master, workers = srv.proc.pid, {w.pid for w in workers_of(srv)}

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import requests
 
-from tests.conftest import Server, dedent
+from tests.conftest import Server, dedent, server_fixture
 
 TOKEN = "admin-test-token-3f9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,14 +35,9 @@ PROFILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    # The harness gives every server its own FNBOX_DATA_DIR (s.data_dir, 0755 outside pytest's 0700 tmp:
-    # deployed packages are symlinks into it, read by sandbox uids).
-    s = Server(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN})
-    s.start()
-    yield s
-    s.stop()
+# The harness gives every server its own FNBOX_DATA_DIR (s.data_dir, 0755 outside pytest's 0700 tmp: deployed
+# packages are symlinks into it, read by sandbox uids).
+server = server_fixture(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN})
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -126,7 +121,8 @@ def test_admin_is_404_without_a_token(make_server):
                          ("GET", "/admin/functions/hello/calls"), ("GET", "/admin/")]:
         for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {TOKEN}"}):
             r = s.request(method, path, headers=headers, data=b"def main(request):\n    return 'x'\n")
-            assert_error(r, 404, "not_found")
+            doc = assert_error(r, 404, "admin_disabled")  # and it says how to turn it on
+            assert "FNBOX_ADMIN_TOKEN" in doc["message"]
     # Nothing was deployed or deleted: the hand-placed function still answers as before.
     assert s.get("/function/hello").text == "hello"
     assert not os.path.exists(os.path.join(s.data_dir, "versions", "hello"))

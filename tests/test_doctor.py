@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import PYTHON, REPO
 
 LAYERS = ["uid_pool", "memory_cgroup", "pids_cgroup", "network_namespace", "ipc_namespace", "litter_sweep",
-          "rlimits", "psutil_watchdog", "scratch_dir"]
+          "rlimits", "psutil_watchdog", "scratch_dir", "file_system_view", "own_processes", "disk_quota",
+          "syscall_filter", "network_egress", "cpu_cgroup"]
 ACCESS = ["runtime_readable", "venv_readable", "functions_readable", "profiles_private"]
 
 

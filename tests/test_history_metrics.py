@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, dedent
+from tests.conftest import Server, dedent, server_fixture
 
 TOKEN = "history-test-token-81d2"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -72,19 +72,12 @@ RECORD_KEYS = {"time", "request_id", "function", "version", "method", "path", "s
                "cpu_ms", "max_rss_kb", "output"}
 
 
-def start_server(**env: str) -> Server:
-    """Two workers, so that every count and every record crosses processes. The harness gives the server its
-    own FNBOX_DATA_DIR (s.data_dir), where the history database lives."""
-    s = Server(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN, **env})
-    s.db_path = os.path.join(s.data_dir, "history.sqlite3")
-    return s.start()
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = start_server()
-    yield s
-    s.stop()
+# Two workers, so that every count and every record crosses processes. The harness gives each server its own
+# FNBOX_DATA_DIR (s.data_dir), where the history database (s.db_path) lives.
+server = server_fixture(functions=FUNCTIONS, profiles=PROFILES, workers=2, env={"FNBOX_ADMIN_TOKEN": TOKEN})
+small_server = server_fixture("small_server", functions=FUNCTIONS, profiles=PROFILES, workers=2,
+                              env={"FNBOX_ADMIN_TOKEN": TOKEN, "FNBOX_HISTORY_MAX_ROWS": "300",
+                                   "FNBOX_HISTORY_MAX_AGE_DAYS": "1"})
 
 
 def admin(server: Server, path: str, **kw) -> requests.Response:
@@ -202,7 +195,7 @@ def test_calls_endpoint_limit_and_outcome(server):
     doc = admin(server, "/functions/flaky/calls", params={"outcome": "ok", "limit": 1}).json()
     assert [c["request_id"] for c in doc["calls"]] == [rids[4]]
     assert admin(server, "/functions/flaky/calls", params={"outcome": "timeout"}).json()["calls"] == []
-    assert admin(server, "/functions/nosuchfn/calls").json()["calls"] == []
+    assert admin(server, "/functions/nosuchfn/calls").status_code == 404  # not a function: say so
 
     for bad in ("0", "-1", "abc", "1001"):
         r = admin(server, "/functions/flaky/calls", params={"limit": bad})
@@ -298,6 +291,11 @@ def test_metrics_count_calls_exactly_across_workers(server):
     assert value(after, "fnbox_call_duration_seconds_bucket", function="m_loop", le="2.5") == 1
     assert value(after, "fnbox_call_duration_seconds_sum", function="m_loop") >= 1.0
     assert value(after, "fnbox_sandbox_kills_total", reason="timeout") == kills_before + 1
+    # A call is in flight until its last process is gone, which may be a moment after its answer.
+    deadline = time.monotonic() + 10
+    while value(after, "fnbox_calls_in_flight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = metrics(server)
     assert value(after, "fnbox_calls_in_flight") == 0
     # Both workers served these calls, so both workers' files were merged.
     pids = {requests.get(server.url + "/healthz", timeout=10).json()["worker_pid"] for _ in range(40)}
@@ -349,13 +347,6 @@ def test_fork_server_restart_is_counted(server):
 
 
 # -- retention and a failing database ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_server():
-    s = start_server(FNBOX_HISTORY_MAX_ROWS="300", FNBOX_HISTORY_MAX_AGE_DAYS="1")
-    yield s
-    s.stop()
-
-
 @pytest.mark.timeout(90)
 def test_retention_keeps_the_newest_max_rows(small_server):
     s = small_server
@@ -453,6 +444,14 @@ def test_a_broken_history_is_a_clear_503_and_never_fails_a_call(small_server):
             r = admin(s, path)
             assert r.status_code == 503, r.text
             assert r.json()["error"] == "unavailable" and "history" in r.json()["message"]
+        # /healthz says so: the answering worker's writer lost the record (each worker reports its own; a call
+        # per request makes the answering worker one that failed).
+        for _ in range(20):
+            assert s.get("/function/m_ok").status_code == 200
+            hist = s.get("/healthz").json()["history"]
+            if hist["dropped"]:
+                break
+        assert hist["dropped"] >= 1 and hist["write_errors"] >= 1 and hist["error"], hist
     finally:
         os.rmdir(s.db_path)
         os.replace(moved, s.db_path)

@@ -147,7 +147,7 @@ def test_each_call_has_its_own_cpu_limit(srv):
         doc = call(srv, "cpu", cpu=0.5)
         assert doc["calls"] == n and doc["pid"] == first["pid"], doc
     r = srv.get("/function/cpu", params={"cpu": 1.5})
-    assert r.status_code == 504 and r.json()["message"] == "CPU time limit of 1 s exceeded", r.text
+    assert r.status_code == 504 and r.json()["message"].startswith("CPU time limit of 1 s exceeded"), r.text
     assert gone(first["pid"])
     assert call(srv, "cpu")["calls"] == 1
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from tests.conftest import SLOTS, UID_BASE, Server, assert_nothing_left
+from tests.conftest import SLOTS, UID_BASE, Server, assert_nothing_left, server_fixture
 from tests.helpers import assert_error, log_line, new_request_id
 
 TIMEOUT_S = 2
@@ -91,12 +91,7 @@ PROFILES = "".join(f"[{name}]\ntimeout_s = {TIMEOUT_S}\nmemory_mb = {MEMORY_MB}\
                    if name not in ("hello", "same_name")) + "[same_name]\nmax_concurrency = 1\n"
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server(functions=FUNCTIONS, profiles={"functions.toml": PROFILES})
-    s.start()
-    yield s
-    s.stop()
+server = server_fixture(functions=FUNCTIONS, profiles={"functions.toml": PROFILES})
 
 
 def run_limited(server: Server, name: str, rid: str | None = None):

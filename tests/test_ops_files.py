@@ -158,7 +158,7 @@ def _check_layout(prefix: str, etc: str, owner: str) -> str:
     return tokens[0]
 
 
-def _serve_installed(prefix: str) -> None:
+def _serve_installed(prefix: str, fnbox_cmd: str | None = None) -> None:
     """Starts the installed copy as its unit would (cwd = prefix, its venv's gunicorn) and calls hello."""
     port = free_port()
     env = dict(os.environ, FNBOX_BIND=f"127.0.0.1:{port}", FNBOX_FUNCTIONS_DIR=os.path.join(prefix, "functions"),
@@ -180,6 +180,10 @@ def _serve_installed(prefix: str) -> None:
         assert r.status_code == 200 and r.text == "Hello Ann!", r.text
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
         assert health["status"] == "ok"
+        if fnbox_cmd:
+            r = subprocess.run([fnbox_cmd, "invoke", "hello", "Ann", "--url", f"http://127.0.0.1:{port}"],
+                               capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+            assert r.returncode == 0 and r.stdout == "Hello Ann!\n", r.stdout + r.stderr
     except BaseException:
         log.seek(0)
         print(log.read().decode("utf-8", "replace")[-4000:])
@@ -211,13 +215,28 @@ def test_install_into_temp_prefix_twice():
     # (the script grants o+x on the prefix's ancestors, here the mkdtemp dir only).
     base = tempfile.mkdtemp(prefix="fnbox-install-test-", dir="/tmp")
     prefix, etc = os.path.join(base, "fnbox"), os.path.join(base, "etc", "fnbox")
+    bin_dir = os.path.join(base, "bin")
     owner = "nobody"  # an existing unprivileged account: no user is created on this machine
-    cmd = [INSTALL, "--prefix", prefix, "--etc-dir", etc, "--user", owner, "--no-systemd", "--no-nginx"]
+    # A checkout whose functions/ holds a developer's experiment besides the example: it is not installed.
+    checkout = os.path.join(base, "checkout")
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "var", "__pycache__",
+                                                                  ".pytest_cache", ".ruff_cache"))
+    with open(os.path.join(checkout, "functions", "tour_experiment.py"), "w") as f:
+        f.write("def main(request):\n    return 'experiment'\n")
+    cmd = [os.path.join(checkout, "ops", "install"), "--prefix", prefix, "--etc-dir", etc, "--user", owner,
+           "--bin-dir", bin_dir, "--no-systemd", "--no-nginx"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "systemd: skipped" in r.stdout and "nginx: skipped" in r.stdout
         token = _check_layout(prefix, etc, owner)
+        assert sorted(os.listdir(os.path.join(prefix, "functions"))) == ["__init__.py", "hello.py"]
+        # The fnbox command is installed, runs this install's CLI, and knows the server's address.
+        fnbox_cmd = os.path.join(bin_dir, "fnbox")
+        r = subprocess.run([fnbox_cmd, "--help"], capture_output=True, text=True, timeout=30,
+                           env={"PATH": "/usr/bin:/bin"})
+        assert r.returncode == 0 and "usage: fnbox" in r.stdout, r.stdout + r.stderr
+        assert "http://127.0.0.1:8000" in open(fnbox_cmd).read()
 
         # The operator's own files, and sloppy modes, between two runs.
         custom = os.path.join(prefix, "functions", "custom.py")
@@ -243,7 +262,7 @@ def test_install_into_temp_prefix_twice():
         assert "# edited by the operator" in open(os.path.join(prefix, "sandbox_profiles", "default.toml")).read()
         assert open(data).read() == "calls" and _mode(data) == 0o600  # data is neither replaced nor opened up
 
-        _serve_installed(prefix)
+        _serve_installed(prefix, fnbox_cmd)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, server_fixture
 
 FUNCTIONS = {
     # Returns what it was asked for (?show=attr), as JSON: one function, many views of the same request.
@@ -60,12 +60,7 @@ FUNCTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server(functions=FUNCTIONS)
-    s.start()
-    yield s
-    s.stop()
+server = server_fixture(functions=FUNCTIONS)
 
 
 def echo(server: Server, method: str = "GET", path: str = "/function/echo", **kw) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, server_fixture
 from tests.helpers import assert_error
 
 FUNCTIONS = {
@@ -132,12 +132,7 @@ FUNCTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server(functions=FUNCTIONS)
-    s.start()
-    yield s
-    s.stop()
+server = server_fixture(functions=FUNCTIONS)
 
 
 def call(server: Server, name: str, **kw):

@@ -5,17 +5,10 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, Server, assert_nothing_left
+from tests.conftest import REPO, assert_nothing_left, server_fixture
 
-
-@pytest.fixture(scope="module")
-def seed_server():
-    s = Server()
-    with open(os.path.join(REPO, "functions", "hello.py")) as f:
-        s.write_function("hello", f.read())
-    s.start()
-    yield s
-    s.stop()
+with open(os.path.join(REPO, "functions", "hello.py")) as _f:
+    seed_server = server_fixture("seed_server", functions={"hello": _f.read()})
 
 
 @pytest.mark.parametrize("path, expected", [

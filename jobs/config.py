@@ -1,0 +1,61 @@
+"""Settings of the queue side, read from the environment once, validated in one place, frozen."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from runner.config import ConfigError
+
+
+def _num(env: dict[str, str], key: str, default: float, minimum: float = 0) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: must be a number") from None
+    if value < minimum:
+        raise ConfigError(f"{key}={raw!r}: must be at least {minimum:g}")
+    return value
+
+
+def _hostport(item: str) -> tuple[str, int]:
+    host, sep, port = item.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"FNBOX_CALLBACK_ALLOW: {item!r} must be host:port, e.g. 127.0.0.1:9000")
+    return host.strip("[]").lower(), int(port)
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    board: str  # this board's name in call records and logs (FNBOX_BOARD, default the host name)
+    redis_url: str | None  # set: RQ on Redis (several boards); unset: the embedded SQLite queue
+    queue_max: int  # calls waiting in the queue; one more is 503 busy
+    concurrency: int  # queued calls one Gunicorn worker runs at once (0: leave them to `fnbox worker`)
+    retention_s: float  # how long a finished call's record (and result) is kept
+    callback_allow: frozenset[tuple[str, int]]  # host:port pairs a callback may be POSTed to
+    callback_retries: int
+    schedules: bool  # whether this process fires schedule ticks
+    schedule_late_s: float | None  # a tick noticed later than this is missed (None: its period, in 5..60 s)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> JobSettings:
+        env = dict(os.environ if env is None else env)
+        allow = frozenset(_hostport(i.strip()) for i in env.get("FNBOX_CALLBACK_ALLOW", "").split(",") if i.strip())
+        board = env.get("FNBOX_BOARD") or socket.gethostname()
+        if not board.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(board) > 64:
+            raise ConfigError(f"FNBOX_BOARD={board!r}: letters, digits, '-', '_' and '.' only, at most 64")
+        return cls(
+            board=board,
+            redis_url=env.get("FNBOX_REDIS_URL") or None,
+            queue_max=int(_num(env, "FNBOX_QUEUE_MAX", 10_000, 1)),
+            concurrency=int(_num(env, "FNBOX_ASYNC_CONCURRENCY", 2, 0)),
+            retention_s=_num(env, "FNBOX_CALLS_RETENTION_S", 7 * 86400, 1),
+            callback_allow=allow,
+            callback_retries=int(_num(env, "FNBOX_CALLBACK_RETRIES", 5, 0)),
+            schedules=env.get("FNBOX_SCHEDULES", "1") != "0",
+            schedule_late_s=_num(env, "FNBOX_SCHEDULE_LATE_S", 0, 0) or None,
+        )
