@@ -36,8 +36,7 @@ same machine and under the same Gunicorn settings (gthread, the workers and thre
 - **spawn**: the naive way to isolate calls (`bench/spawn_app.py`, `bench/spawn_child.py`). A new `python`
   process per call, the request in and the response out as JSON over stdin/stdout.
 - **fnbox**: the real server, `gunicorn -c ops/gunicorn.conf.py`, with a copy of `sandbox_profiles/` whose
-  `functions.toml` only raises `max_concurrency` to 32 for the two sleeping functions (and, for the webhook,
-  preloads the few standard-library modules `requests` needs: see the notes of the latest run).
+  `functions.toml` only raises `max_concurrency` to 32 for the two sleeping functions.
 - **fnbox-opt**: the same server with the two opt-in modes, on its own copy of the functions: `hello` with
   `reuse_calls = 1000` (warm instances) and `webhook` with `preload = ["requests"]`. It runs only the
   `hello` and `webhook` scenarios. A preloaded module is in every call of its server (docs/operators.md), so

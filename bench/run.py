@@ -62,7 +62,6 @@ reuse_calls = 1000
 [webhook]
 preload = ["requests"]
 """
-PRELOADED_LIBRARY = "requests"
 
 
 def log(msg: str) -> None:
@@ -142,42 +141,6 @@ def gunicorn_settings(workers: int | None, threads: int | None) -> GunicornSetti
     )
 
 
-def stdlib_deps(module: str) -> list[str]:
-    """The standard-library modules `module` imports that a fork server has not imported already.
-
-    A sandboxed call can import only what its uid can read, and where the interpreter lives in an unreadable home
-    (pyenv under /root, 0700, as on the benchmark machine) that excludes the standard library: whatever of it the
-    fork server did not import, a call cannot either. So fnbox's webhook profile preloads these few stdlib modules
-    (fnbox-opt's preloads the library itself, which brings them), and the fresh webhook pays for importing the
-    library and its site-packages dependencies, which is what a fresh call pays on any machine.
-    """
-    code = (
-        "import json, os, sys, sysconfig\n"
-        "import runner.forkserver\n"
-        "from runner import child\n"
-        "from runner.preload import preload_names\n"
-        "child.warm()\n"
-        "before = set(sys.modules)\n"
-        f"import {module}\n"
-        "paths = sysconfig.get_paths()\n"
-        "std = tuple(os.path.realpath(paths[k]) + os.sep for k in ('stdlib', 'platstdlib'))\n"
-        "site = tuple(os.path.realpath(paths[k]) + os.sep for k in ('purelib', 'platlib'))\n"
-        "out = []\n"
-        "for name in sorted(set(sys.modules) - before):\n"
-        "    f = os.path.realpath(getattr(sys.modules[name], '__file__', None) or '/')\n"
-        "    if f.startswith(std) and not f.startswith(site):\n"
-        "        try:\n"
-        "            out += preload_names([name])\n"
-        "        except ValueError:\n"
-        "            pass\n"
-        "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cannot list what {module} imports: {proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def prepare_workdir(tmp: Path) -> dict[str, Path]:
     """Lay out the functions package, the fnbox profiles dir, wrk scripts and a logs dir under tmp."""
     # mkdtemp makes the dir 0700, but fnbox runs each call as its own unprivileged uid, which must be able to
@@ -191,8 +154,7 @@ def prepare_workdir(tmp: Path) -> dict[str, Path]:
         shutil.copytree(repo_profiles, profiles, ignore=shutil.ignore_patterns("__pycache__"))
     else:
         profiles.mkdir()
-    deps = stdlib_deps(PRELOADED_LIBRARY)
-    (profiles / "functions.toml").write_text(FUNCTIONS_TOML + f"\n[webhook]\npreload = {json.dumps(deps)}\n")
+    (profiles / "functions.toml").write_text(FUNCTIONS_TOML)
     # fnbox-opt: a copy of the same profiles with the opt-in modes on.
     # Its own copy of the functions too: max_concurrency is counted per functions folder, so two servers serving
     # one folder would take each other's places.
@@ -205,7 +167,7 @@ def prepare_workdir(tmp: Path) -> dict[str, Path]:
     wrk_dir = tmp / "wrk"
     wrk_dir.mkdir()
     return {"root": tmp, "functions": functions, "profiles": profiles, "profiles-opt": opt_profiles, "logs": logs,
-            "wrk": wrk_dir, "preloaded": deps}
+            "wrk": wrk_dir}
 
 
 def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) -> Server:
@@ -388,12 +350,6 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
     for name in ("fnbox", OPT_SERVER):
         if name in servers:
             notes.append(f"{name}: {fnbox_outcomes(servers[name].log_path)}")
-    if "fnbox" in servers:
-        notes.append(f"fnbox's webhook profile preloads the standard-library modules requests needs that the fork "
-                     f"server does not import already ({', '.join(paths['preloaded']) or 'none'}): this machine's "
-                     "interpreter lives under /root (0700), unreadable by sandbox uids, so a call can import only "
-                     "the stdlib modules its fork server imported. The fresh webhook pays for requests and its "
-                     "site-packages dependencies.")
 
     rows = {key: aggregate(vals) for key, vals in samples.items()}
     checks = target_checks(rows, mem)

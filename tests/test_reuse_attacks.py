@@ -76,9 +76,11 @@ def srv(world: str) -> Any:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_attack_on_a_warm_instance(ctx, doctor, name):
-    # Twice: the second call runs in the instance the first left warm, if the attack left one.
     run_attack(ctx, doctor, ALL[name])
-    run_attack(ctx, doctor, ALL[name])
+    if ALL[name].params is None:
+        # Again: the second call runs in the instance the first left warm, if the attack left one. (Not the
+        # attacks that leave a file in the test's world folder: the next call may have another uid.)
+        run_attack(ctx, doctor, ALL[name])
 
 
 def test_the_functions_of_this_server_run_warm(srv):
