@@ -41,6 +41,9 @@ same machine and under the same Gunicorn settings (gthread, the workers and thre
   `reuse_calls = 1000` (warm instances) and `webhook` with `preload = ["requests"]`. It runs only the
   `hello` and `webhook` scenarios. A preloaded module is in every call of its server (docs/operators.md), so
   fresh and preloaded need two servers.
+- **fnbox-v1**: the same server with the second sandbox's layers off (`FNBOX_SANDBOX_OFF`: the file system
+  view, the syscall filter, cpuacct and the egress table), on its own copy of the functions: what those layers
+  cost per call, side by side. It runs only the `hello` scenarios.
 
 ## How to run
 
@@ -149,7 +152,7 @@ def throughput_table(rows: dict[tuple[str, str], Row], servers: Sequence[str]) -
             if row is None:
                 continue
             ratios = ["", "", ""]
-            if name in ("fnbox", "floor", "fnbox-opt"):
+            if name in ("fnbox", "floor", "fnbox-opt", "fnbox-v1"):
                 for i, base in enumerate(("seed", "floor", "spawn")):
                     other = rows.get((sc.key, base))
                     if base != name:
@@ -218,6 +221,13 @@ def target_checks(rows: dict[tuple[str, str], Row], mem: dict[str, MemoryRow]) -
         checks.append(Check(name, f.p50_ms <= fl.p50_ms, f"{f.p50_ms:.2f} ms vs {fl.p50_ms:.2f} ms"))
     else:
         checks.append(Check(name, None, "needs fnbox and floor latencies"))
+
+    f, v = get("hello@8", "fnbox"), get("hello@8", "fnbox-v1")
+    name = "hello@8: every sandbox layer on (fnbox) req/s >= 0.9 x the second sandbox off (fnbox-v1)"
+    if f and v:
+        checks.append(Check(name, f.rps >= 0.9 * v.rps, f"{f.rps:,.1f} vs {v.rps:,.1f} ({f.rps / v.rps:.2f}x)"))
+    else:
+        checks.append(Check(name, None, "needs fnbox and fnbox-v1"))
 
     f, o = get("webhook@8", "fnbox"), get("webhook@8", "fnbox-opt")
     name = "webhook@8: preloaded (fnbox-opt) req/s >= 10 x fresh (fnbox)"

@@ -39,6 +39,12 @@ GUNICORN_CONF = REPO / "ops" / "gunicorn.conf.py"
 ALL_SERVERS = ("seed", "floor", "spawn", "fnbox")
 # Started beside fnbox: the same server with the opt-in modes on (see OPT_TOML); it runs OPT_SCENARIOS only.
 OPT_SERVER = "fnbox-opt"
+# Also beside fnbox: the same server with the second sandbox's layers off (FNBOX_SANDBOX_OFF: file system view,
+# syscall filter, cpuacct, egress), so that their per-call cost is measured side by side; hello scenarios only.
+V1_SERVER = "fnbox-v1"
+V1_SCENARIOS = ("hello@1", "hello@8")
+V1_OFF = "file_system_view,syscall_filter,cpu_cgroup,network_egress"
+EXTRA_SERVERS = (OPT_SERVER, V1_SERVER)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WARMUP = next(sc for sc in SCENARIOS if sc.key == "hello@8")
 INFLIGHT_FUNCTION = "sleep2"
@@ -159,6 +165,7 @@ def prepare_workdir(tmp: Path) -> dict[str, Path]:
     # Its own copy of the functions too: max_concurrency is counted per functions folder, so two servers serving
     # one folder would take each other's places.
     shutil.copytree(functions, tmp / "functions-opt")
+    shutil.copytree(functions, tmp / "functions-v1")
     opt_profiles = tmp / "profiles-opt"
     shutil.copytree(profiles, opt_profiles)
     (opt_profiles / "functions.toml").write_text(FUNCTIONS_TOML + OPT_TOML)
@@ -174,14 +181,17 @@ def start_server(name: str, paths: dict[str, Path], settings: GunicornSettings) 
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FNBOX_")}
-    if name in ("fnbox", OPT_SERVER):
+    if name in ("fnbox", *EXTRA_SERVERS):
+        folder = {OPT_SERVER: "functions-opt", V1_SERVER: "functions-v1"}.get(name, "functions")
         env.update(
             FNBOX_BIND=f"127.0.0.1:{port}",
-            FNBOX_FUNCTIONS_DIR=str(paths["root"] / ("functions-opt" if name == OPT_SERVER else "functions")),
+            FNBOX_FUNCTIONS_DIR=str(paths["root"] / folder),
             FNBOX_PROFILES_DIR=str(paths["profiles-opt" if name == OPT_SERVER else "profiles"]),
             FNBOX_WORKERS=str(settings.workers),
             FNBOX_THREADS=str(settings.threads),
         )
+        if name == V1_SERVER:
+            env["FNBOX_SANDBOX_OFF"] = V1_OFF
         argv = [gunicorn, "-c", str(GUNICORN_CONF)]
         cwd = REPO
     else:
@@ -284,7 +294,7 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
     scripts = write_scripts(paths["wrk"])
     servers: dict[str, Server] = {}
     try:
-        for name in [*names, *([OPT_SERVER] if "fnbox" in names else [])]:
+        for name in [*names, *(EXTRA_SERVERS if "fnbox" in names else [])]:
             servers[name] = start_server(name, paths, settings)
         for name, srv in servers.items():
             wait_http_ok(srv, "/healthz" if name.startswith("fnbox") else "/function/hello", timeout_s=30)
@@ -294,7 +304,7 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
             run_wrk(f"{srv.base_url}/function/hello", WARMUP, scripts[WARMUP.key], 1.0)
             log(f"{name} ready: {srv.base_url}")
 
-        mem = {name: MemoryRow() for name in servers if name != OPT_SERVER}
+        mem = {name: MemoryRow() for name in servers if name not in EXTRA_SERVERS}
         for name, srv in servers.items():
             if name in mem:
                 settle(srv)
@@ -347,7 +357,7 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
                 signal.signal(sig, handler)
     load_after = background_cpu()
     notes = []
-    for name in ("fnbox", OPT_SERVER):
+    for name in ("fnbox", *EXTRA_SERVERS):
         if name in servers:
             notes.append(f"{name}: {fnbox_outcomes(servers[name].log_path)}")
 
@@ -357,13 +367,13 @@ def run_bench(args: argparse.Namespace, names: Sequence[str], tmp: Path) -> str:
         {
             "Gunicorn": settings.describe(),
             "Runs": f"{args.rounds} round(s) x {args.duration:g} s per scenario and server, alternating",
-            "Servers": ", ".join([*names, *([OPT_SERVER] if OPT_SERVER in servers else [])]),
+            "Servers": ", ".join([*names, *(n for n in EXTRA_SERVERS if n in servers)]),
             "CPU busy outside the benchmark": f"{load_before:.0f} % before, {load_after:.0f} % after "
             "(all cores, over 1 s)",
         },
         wrk,
     )
-    shown = [*names, *([OPT_SERVER] if OPT_SERVER in servers else [])]
+    shown = [*names, *(n for n in EXTRA_SERVERS if n in servers)]
     return render(machine, rows, mem, checks, shown, notes)
 
 
@@ -372,6 +382,8 @@ def runs(sc: Scenario, server: str) -> bool:
     importing requests per call measures nothing new, for 15 s a round)."""
     if server == OPT_SERVER:
         return sc.key in OPT_SCENARIOS
+    if server == V1_SERVER:
+        return sc.key in V1_SCENARIOS
     return not (server == "spawn" and sc.key == "webhook@8")
 
 

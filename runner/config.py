@@ -60,6 +60,9 @@ class Settings:
     # Host folders every call sees read-write at their own path inside its file system view
     # (FNBOX_SANDBOX_SHARED_DIRS, colon-separated): a deliberate exchange folder; the test suite's markers.
     shared_dirs: tuple[str, ...] = ()
+    # Sandbox v2 layers turned off on purpose (FNBOX_SANDBOX_OFF, comma-separated): only for the benchmark's
+    # with/without comparison and for debugging; every layer named here is reported DEGRADED, never active.
+    sandbox_off: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -88,23 +91,38 @@ class Settings:
             max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
             spares=_int(env, "FNBOX_SPARES", 1, minimum=0),
             shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
+            sandbox_off=_layers_off(env.get("FNBOX_SANDBOX_OFF") or ""),
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),
         )
-
 
     def to_dict(self) -> dict[str, Any]:
         """For the fork server, which gets its settings from its worker over the control socket and never
         reads the environment itself (one source of truth: what the worker validated)."""
         d = dataclasses.asdict(self)
         d["forwarded_allow_ips"] = sorted(self.forwarded_allow_ips)
+        d["sandbox_off"] = sorted(self.sandbox_off)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Settings:
         return cls(**dict(d, forwarded_allow_ips=frozenset(d["forwarded_allow_ips"]),
-                          shared_dirs=tuple(d.get("shared_dirs", ()))))
+                          shared_dirs=tuple(d.get("shared_dirs", ())),
+                          sandbox_off=frozenset(d.get("sandbox_off", ()))))
+
+
+# The layers FNBOX_SANDBOX_OFF may name: the ones added by the second sandbox (the benchmark compares with them
+# off); uids, cgroup memory/pids and the network namespace are never optional.
+OPTIONAL_LAYERS = frozenset({"file_system_view", "syscall_filter", "cpu_cgroup", "network_egress"})
+
+
+def _layers_off(raw: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    if names - OPTIONAL_LAYERS:
+        raise ConfigError(f"FNBOX_SANDBOX_OFF={raw!r}: unknown layer(s) {sorted(names - OPTIONAL_LAYERS)}; "
+                          f"choose from {sorted(OPTIONAL_LAYERS)}")
+    return names
 
 
 def _cgroup_parent(raw: str) -> str:

@@ -99,6 +99,7 @@ class Layers:
     cgroup_cpu: bool = False  # cpuacct per slot: cpu_s counts the whole process tree
     egress: bool = False  # nftables: network=true calls reach out, never the host (runner/egress.py)
     egress_error: str = ""
+    off: frozenset[str] = frozenset()  # Settings.sandbox_off: layers turned off on purpose (benchmark, debugging)
 
     def describe(self) -> dict[str, str]:
         def st(ok: bool, good: str, bad: str) -> str:
@@ -146,7 +147,8 @@ class Layers:
                                  + (self.egress_error or "needs root and nft")),
             "cpu_cgroup": st(self.cgroup_cpu, "cpuacct per call: cpu_s counts every process of the call",
                              "no cpuacct cgroup: cpu_s is per process (RLIMIT_CPU); forked children add up" + V1_HINT),
-        }
+        } | {name: "DEGRADED: turned off by FNBOX_SANDBOX_OFF (for benchmarks and debugging only)"
+             for name in self.off}
 
 
 def probe_layers(settings: Settings) -> Layers:
@@ -161,10 +163,12 @@ def probe_layers(settings: Settings) -> Layers:
     else:
         # Unprivileged, the IPC namespace comes with the user namespace, i.e. only for network=false calls.
         userns = _can_unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
-    view, view_error = _probe_view(settings) if root else (False, "")
-    seccomp = syscalls.compile_program() is not None
+    off = settings.sandbox_off
+    cpu = cpu and "cpu_cgroup" not in off
+    view, view_error = _probe_view(settings) if root and "file_system_view" not in off else (False, "")
+    seccomp = "syscall_filter" not in off and syscalls.compile_program() is not None
     out, out_error = False, ""
-    if root:
+    if root and "network_egress" not in off:
         try:  # nft -c: checked against the kernel, nothing changed (the doctor calls this too)
             egress.check(settings.uid_base, settings.slots)
             out = True
@@ -172,7 +176,7 @@ def probe_layers(settings: Settings) -> Layers:
             out_error = str(e)
     return Layers(root=root, cgroup_memory=mem, cgroup_pids=pids, netns=netns, userns=userns, ipcns=ipcns,
                   fsview=view, fsview_error=view_error, seccomp=seccomp, cgroup_cpu=cpu, egress=out,
-                  egress_error=out_error)
+                  egress_error=out_error, off=off)
 
 
 def view_spec(settings: Settings) -> fsview.ViewSpec:

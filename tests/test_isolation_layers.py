@@ -695,3 +695,30 @@ def test_network_true_reaches_out_but_never_the_host(srv):
     assert doc["outside"] == "hello from outside", doc  # egress works
     assert doc["server"] == "ConnectionRefusedError", doc  # Gunicorn's own port on 127.0.0.1
     assert doc["host_side"] == "ConnectionRefusedError", doc  # any other address of the host
+
+
+def test_sandbox_off_turns_the_second_sandbox_off_and_says_so():
+    """FNBOX_SANDBOX_OFF (the benchmark's with/without comparison) never leaves a layer reported active: the
+    layers named are DEGRADED in /healthz, and a call then sees the host's files again."""
+    off = "file_system_view,syscall_filter,cpu_cgroup,network_egress"
+    srv = Server(functions={"look": "def main(request):\n    return open('/etc/hostname').read()\n"},
+                 env={"FNBOX_SANDBOX_OFF": off}).start()
+    try:
+        sandbox = srv.get("/healthz").json()["sandbox"]
+        for name in (*off.split(","), "own_processes", "disk_quota"):
+            assert sandbox[name].startswith("DEGRADED"), (name, sandbox[name])
+        assert sandbox["uid_pool"].startswith("active") or os.geteuid() != 0
+        r = srv.get("/function/look")
+        with open("/etc/hostname") as f:
+            assert (r.status_code, r.text) == (200, f.read()), r.text
+    finally:
+        srv.stop()
+
+
+def test_sandbox_off_names_only_optional_layers():
+    from runner.config import ConfigError, Settings
+
+    assert Settings.from_env({"FNBOX_SANDBOX_OFF": " syscall_filter , cpu_cgroup"}).sandbox_off == {
+        "syscall_filter", "cpu_cgroup"}
+    with pytest.raises(ConfigError, match="memory_cgroup"):
+        Settings.from_env({"FNBOX_SANDBOX_OFF": "memory_cgroup"})
