@@ -90,6 +90,14 @@ class Attack:
     check: Callable[[Ctx, requests.Response], None] | None = None  # what else must hold afterwards
     nothing_left_timeout: float = 3.0  # bound on the runner's asynchronous cleanup (janitor for big dirs)
     canaries: bool = False  # run it while bystanders live: they must all survive
+    # Other (status, error) endings that are as contained as the expected one (a race decides which one comes).
+    also: tuple[tuple[int, str], ...] = ()
+
+    def accepts(self, r: requests.Response) -> bool:
+        error = r.json().get("error") if r.headers.get("Content-Type", "").startswith("application/json") else None
+        if r.status_code == self.status and (self.error is None or error == self.error):
+            return True
+        return (r.status_code, error) in self.also
 
 
 @dataclass
@@ -606,7 +614,9 @@ ATTACKS: list[Attack] = [
                     except OSError:
                         pass
             return "clobbered"
-    """, 500, "function_error"),  # "garbage" on fd 3 is a malformed result frame: the function's error
+    # "garbage" on fd 3 is a malformed result frame (the function's error), unless fd 3 was closed before the
+    # runner could write the result at all: then the process ends without an answer (crashed). Both contained.
+    """, 500, "function_error", also=((502, "crashed"),)),
 ]
 BY_NAME = {a.name: a for a in ATTACKS}
 
@@ -785,11 +795,9 @@ def run_attack(ctx: Ctx, doctor: dict[str, Any], attack: Attack) -> None:
     with Canaries(ctx) if attack.canaries else contextlib.nullcontext():
         r = ctx.srv.get(f"/function/{attack.name}", params=params, timeout=60)
     ended = time.time()
-    assert r.status_code == attack.status, f"{attack.name}: {r.status_code} {r.text[:2000]}"
+    assert attack.accepts(r), f"{attack.name}: {r.status_code} {r.text[:2000]}"
     if attack.error is not None:
-        doc = r.json()
-        assert doc["error"] == attack.error, doc
-        assert doc["function"] == attack.name
+        assert r.json()["function"] == attack.name
     if attack.check:
         attack.check(ctx, r)
     hello_within_a_second(ctx.srv)
@@ -886,7 +894,7 @@ def test_attacks_while_hello_keeps_answering(ctx, doctor):
         def one(a: Attack) -> None:
             params = a.params(ctx) if a.params else None
             r = ctx.srv.get(f"/function/{a.name}", params=params, timeout=60)
-            if r.status_code != a.status or (a.error and r.json().get("error") != a.error):
+            if not a.accepts(r):
                 failures.append(f"{a.name}: {r.status_code} {r.text[:500]}")
             elif a.check:
                 try:
