@@ -17,7 +17,8 @@ class ConfigError(ValueError):
     """A bad FNBOX_* environment variable."""
 
 
-def _int(env: dict[str, str], key: str, default: int, minimum: int = 0) -> int:
+def env_int(env: dict[str, str], key: str, default: int, minimum: int = 0) -> int:
+    """An integer FNBOX_* variable (unset or empty: the default), or ConfigError saying which and why."""
     raw = env.get(key)
     if raw is None or raw == "":
         return default
@@ -80,16 +81,16 @@ class Settings:
             scratch_dir=os.path.abspath(env.get("FNBOX_SCRATCH_DIR") or scratch_default),
             slot_registry=SLOT_REGISTRY if root else f"/tmp/fnbox-slots-{os.geteuid()}",
             cgroup_parent=_cgroup_parent(env.get("FNBOX_CGROUP_PARENT") or "fnbox"),
-            uid_base=_int(env, "FNBOX_UID_BASE", 61000, minimum=1000),
-            slots=_int(env, "FNBOX_SANDBOX_SLOTS", 256, minimum=1),
+            uid_base=env_int(env, "FNBOX_UID_BASE", 61000, minimum=1000),
+            slots=env_int(env, "FNBOX_SANDBOX_SLOTS", 256, minimum=1),
             python=env.get("FNBOX_PYTHON") or _real_python(),
             data_dir=os.path.abspath(env.get("FNBOX_DATA_DIR") or os.path.join(REPO_ROOT, "var")),
-            history_max_rows=_int(env, "FNBOX_HISTORY_MAX_ROWS", 100_000, minimum=1),
-            history_max_age_days=_int(env, "FNBOX_HISTORY_MAX_AGE_DAYS", 30, minimum=1),
-            workers=_int(env, "FNBOX_WORKERS", 2, minimum=1),
-            threads=_int(env, "FNBOX_THREADS", 32, minimum=1),
-            max_calls=_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
-            spares=_int(env, "FNBOX_SPARES", 1, minimum=0),
+            history_max_rows=env_int(env, "FNBOX_HISTORY_MAX_ROWS", 100_000, minimum=1),
+            history_max_age_days=env_int(env, "FNBOX_HISTORY_MAX_AGE_DAYS", 30, minimum=1),
+            workers=env_int(env, "FNBOX_WORKERS", 2, minimum=1),
+            threads=env_int(env, "FNBOX_THREADS", 32, minimum=1),
+            max_calls=env_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
+            spares=env_int(env, "FNBOX_SPARES", 1, minimum=0),
             shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
             sandbox_off=_layers_off(env.get("FNBOX_SANDBOX_OFF") or ""),
             forwarded_allow_ips=frozenset(

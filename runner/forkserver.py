@@ -260,22 +260,10 @@ class ForkServer:
             spare.sock.close()
             self._track(Call(call_id, spare.pid, spare.slot, profile, scratch, 0.0, 0.0, litter=spare.litter))
             return
-        slot = self.slots.acquire()
-        if slot is None:
-            self._send({"op": "exit", "id": call_id, "outcome": Outcome.BUSY,
-                        "message": "every sandbox slot of this machine is in use"})
+        claimed = self.claim_slot(call_id, profile)
+        if claimed is None:
             return
-        if slot.cgroup is not None:
-            slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
-            slot.cgroup.reset_peak()
-        try:
-            scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
-        except OSError as e:  # the scratch file system is full or broken: this call cannot run, others may
-            self.slots.release(slot)
-            self._send({"op": "exit", "id": call_id, "outcome": Outcome.UNAVAILABLE,
-                        "message": f"cannot create the call's scratch directory: {e.strerror}"})
-            return
-        litter = self.slots.litter_stamp()
+        slot, scratch, litter = claimed
 
         def run_call() -> NoReturn:
             enter(profile, slot, scratch, fds, self.data_base, self.layers, msg["functions_dir"], msg["function"])
@@ -285,6 +273,26 @@ class ForkServer:
 
         pid = self._fork(run_call, "sandbox setup")
         self._track(Call(call_id, pid, slot, profile, scratch, 0.0, 0.0, litter=litter))
+
+    def claim_slot(self, call_id: int, profile: Profile) -> tuple[Slot, str, tuple[int, ...]] | None:
+        """A free slot with the profile's cgroup limits, a fresh scratch folder and the litter stamp, for a call
+        forked now (fresh, or a warm instance's first); None once the call's exit (busy, unavailable) is sent."""
+        slot = self.slots.acquire()
+        if slot is None:
+            self._send({"op": "exit", "id": call_id, "outcome": Outcome.BUSY,
+                        "message": "every sandbox slot of this machine is in use"})
+            return None
+        if slot.cgroup is not None:
+            slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
+            slot.cgroup.reset_peak()
+        try:
+            scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
+        except OSError as e:  # the scratch file system is full or broken: this call cannot run, others may
+            self.slots.release(slot)
+            self._send({"op": "exit", "id": call_id, "outcome": Outcome.UNAVAILABLE,
+                        "message": f"cannot create the call's scratch directory: {e.strerror}"})
+            return None
+        return slot, scratch, self.slots.litter_stamp()
 
     def _track(self, call: Call) -> None:
         call.started = time.monotonic()

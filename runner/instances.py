@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 from runner import child_loop, outcomes
 from runner.profiles import Profile
 from runner.protocol import recv_msg, send_msg
-from runner.sandbox import Slot, enter, make_scratch
+from runner.sandbox import Slot, enter
 
 CPU_CHECK_INTERVAL = 0.02  # as the fork server's memory polling
 IDLE_CPU_SLACK = 0.05  # seconds of CPU an idle instance may show (its exit from the last call) and stay trusted
@@ -157,22 +157,10 @@ class InstancePool:
     def _start(self, key: tuple, msg: dict[str, Any], fds: list[int], profile: Profile) -> None:
         srv = self.server
         call_id = msg["id"]
-        slot = srv.slots.acquire()
-        if slot is None:
-            srv._send({"op": "exit", "id": call_id, "outcome": outcomes.BUSY,
-                       "message": "every sandbox slot of this machine is in use"})
+        claimed = srv.claim_slot(call_id, profile)
+        if claimed is None:
             return
-        if slot.cgroup is not None:
-            slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
-            slot.cgroup.reset_peak()
-        try:
-            scratch = make_scratch(srv.settings, slot, f"{os.getpid()}-{call_id}")
-        except OSError as e:
-            srv.slots.release(slot)
-            srv._send({"op": "exit", "id": call_id, "outcome": outcomes.UNAVAILABLE,
-                       "message": f"cannot create the call's scratch directory: {e.strerror}"})
-            return
-        litter = srv.slots.litter_stamp()
+        slot, scratch, litter = claimed
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         def run_instance() -> NoReturn:
             ours.close()

@@ -6,22 +6,9 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from runner.config import ConfigError
+from runner.config import ConfigError, env_int
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _int(env: dict[str, str], key: str, default: int, minimum: int) -> int:
-    raw = env.get(key) or ""
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r}: must be an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{key}={raw!r}: must be at least {minimum}")
-    return value
 
 
 def _networks(raw: str) -> tuple[Network, ...]:
@@ -64,10 +51,10 @@ class ConsoleConfig:
             password=env.get("FNBOX_CONSOLE_PASSWORD") or None,
             playground_token=env.get("FNBOX_PLAYGROUND_TOKEN") or None,
             playground_allow=_networks(env.get("FNBOX_PLAYGROUND_ALLOW", "")),
-            playground_concurrency=_int(env, "FNBOX_PLAYGROUND_CONCURRENCY", 2, 1),
-            playground_rate=_int(env, "FNBOX_PLAYGROUND_RATE", 30, 1),
-            login_rate=_int(env, "FNBOX_CONSOLE_LOGIN_RATE", 5, 1),
-            session_hours=_int(env, "FNBOX_CONSOLE_SESSION_HOURS", 12, 1),
+            playground_concurrency=env_int(env, "FNBOX_PLAYGROUND_CONCURRENCY", 2, 1),
+            playground_rate=env_int(env, "FNBOX_PLAYGROUND_RATE", 30, 1),
+            login_rate=env_int(env, "FNBOX_CONSOLE_LOGIN_RATE", 5, 1),
+            session_hours=env_int(env, "FNBOX_CONSOLE_SESSION_HOURS", 12, 1),
         )
 
     def status_line(self) -> str:
