@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.sqlite_wal import connect_wal
+
 COLUMNS = ("time", "request_id", "function", "version", "method", "path", "status", "outcome", "duration_ms",
            "cpu_ms", "max_rss_kb", "output", "complete", "error_type", "message", "traceback", "trigger")
 # Columns added after 0.1, added to an older database when it is opened.
@@ -48,9 +50,7 @@ PRUNE_IDLE_S = 0.2  # a pass per commit cost two DELETEs per call: wait for a pa
 
 
 def connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=2.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the process
+    db = connect_wal(path, 2.0, "NORMAL")  # WAL + NORMAL: durable across crashes of the process
     db.executescript(SCHEMA)
     have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
     for column, decl in LATER_COLUMNS.items():

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from gateway.sqlite_wal import connect_wal
 from jobs.calls import CB_PENDING, DONE, FAILED, QUEUED, RUNNING, Call
 
 SCHEMA = """
@@ -53,10 +54,7 @@ class SqliteQueue:
         db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # the 202 promises the call is on disk
-        return db
+        return connect_wal(self.path, 5.0, "FULL")  # FULL: the 202 promises the call is on disk
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection, opened once (per process: a forked child opens its own)."""

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.sqlite_wal import connect_wal
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id_hash TEXT PRIMARY KEY, role TEXT NOT NULL, csrf TEXT NOT NULL, client TEXT,
@@ -63,10 +65,7 @@ class ConsoleStore:
         self._thread.start()
 
     def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
+        return connect_wal(self.path, 5.0, "NORMAL")
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         db = self._db()
