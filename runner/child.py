@@ -18,6 +18,7 @@ import sys
 import tempfile
 import traceback
 import types
+from collections.abc import Callable
 from typing import Any
 
 import flask
@@ -326,6 +327,27 @@ def warm(full: bool = True) -> None:
         sys.path_importer_cache.pop(WARM_DIR, None)
 
 
+def answer(call: Callable[[], dict[str, Any] | tuple[dict[str, Any], bytes]], oom_frame: bytes) -> bool:
+    """Runs one call and writes its result frame on fd 3, after the function's output is flushed; whether it
+    answered with a response (not an error frame). A MemoryError anywhere on the way is the prepared OOM frame."""
+    ok = False
+    try:
+        result = call()
+        if isinstance(result, dict):
+            data = encode_frame(result)
+        else:
+            data, ok = encode_frame(result[0]) + result[1], result[0].get("kind") == "response"
+    except MemoryError:
+        data = oom_frame
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    write_all(CHILD_RESULT_FD, data)
+    return ok
+
+
 def main(functions_dir: str, name: str, profile: Profile) -> None:
     """Entry point in the forked, sandboxed child. Never returns."""
     tempfile.tempdir = None  # TMPDIR was just changed to the call's scratch dir
@@ -338,20 +360,7 @@ def main(functions_dir: str, name: str, profile: Profile) -> None:
     oom_frame = encode_frame(_error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
     code = 0
     try:
-        try:
-            result = run(functions_dir, name, profile)
-            if isinstance(result, dict):
-                data = encode_frame(result)
-            else:
-                data = encode_frame(result[0]) + result[1]
-        except MemoryError:
-            data = oom_frame
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        write_all(CHILD_RESULT_FD, data)
+        answer(lambda: run(functions_dir, name, profile), oom_frame)
         # Closing every pipe tells the gateway the answer is complete now, before the exit and reaping of this
         # process (several ms for a forked interpreter) that nobody needs to wait for.
         os.closerange(0, CHILD_RESULT_FD + 1)

@@ -25,7 +25,7 @@ from typing import Any
 
 from runner import child, outcomes
 from runner.profiles import Profile
-from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, encode_frame, recv_msg, send_msg, write_all
+from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, encode_frame, recv_msg, send_msg
 
 
 class _Warm:
@@ -112,21 +112,7 @@ def serve(functions_dir: str, name: str, profile: Profile) -> None:
             if not _take_call(ctl):
                 break
             _cpu_soft_limit(cpu_s)
-            ok = False
-            try:
-                result = run_one(warm)
-                if isinstance(result, dict):
-                    data = encode_frame(result)
-                else:
-                    data, ok = encode_frame(result[0]) + result[1], result[0].get("kind") == "response"
-            except MemoryError:
-                data = oom_frame
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except BaseException:
-                    pass
-            write_all(CHILD_RESULT_FD, data)
+            ok = child.answer(lambda: run_one(warm), oom_frame)
             if not ok or served >= reuse_calls:
                 break  # exit: the fork server reaps us and ends the call as it ends a fresh one
             # Reported before the pipes close, so the fork server knows before the caller can send another call.
