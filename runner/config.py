@@ -58,6 +58,9 @@ class Settings:
     threads: int
     max_calls: int  # 0: derived from memory and threads, see max_calls_for()
     spares: int  # children each fork server keeps forked ahead of demand (0: fork on demand only)
+    # glibc malloc arenas a Gunicorn worker's threads share (FNBOX_MALLOC_ARENA_MAX; 0: glibc's default of 8 per
+    # core). Each arena keeps what its threads freed, so fewer arenas hold less memory after load.
+    malloc_arena_max: int = 2
     # Host folders every call sees read-write at their own path inside its file system view
     # (FNBOX_SANDBOX_SHARED_DIRS, colon-separated): a deliberate exchange folder; the test suite's markers.
     shared_dirs: tuple[str, ...] = ()
@@ -91,6 +94,7 @@ class Settings:
             threads=env_int(env, "FNBOX_THREADS", 32, minimum=1),
             max_calls=env_int(env, "FNBOX_MAX_CALLS", 0, minimum=0),
             spares=env_int(env, "FNBOX_SPARES", 1, minimum=0),
+            malloc_arena_max=env_int(env, "FNBOX_MALLOC_ARENA_MAX", 2, minimum=0),
             shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
             sandbox_off=_layers_off(env.get("FNBOX_SANDBOX_OFF") or ""),
             forwarded_allow_ips=frozenset(
