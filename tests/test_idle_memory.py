@@ -6,6 +6,9 @@ malloc arenas follow FNBOX_MALLOC_ARENA_MAX, which is validated like every FNBOX
 from __future__ import annotations
 
 import glob
+import os
+import re
+import signal
 import time
 
 import psutil
@@ -72,3 +75,29 @@ def test_malloc_arena_max_setting():
     assert Settings.from_dict(s.to_dict()) == s
     with pytest.raises(ConfigError, match="FNBOX_MALLOC_ARENA_MAX"):
         Settings.from_env({"FNBOX_MALLOC_ARENA_MAX": "many"})
+
+
+def test_reload_imports_fnbox_modules_again_before_new_workers(make_server):
+    """SIGHUP is the documented upgrade (`systemctl reload fnbox`): new workers fork from the master, so the
+    master must import fnbox's modules again from disk, not hand them the previous release's."""
+    srv = make_server(functions=HELLO).start()
+    line = "modules imported in the master and shared with the workers"
+    assert line in _wait_log(srv, line)
+    master = psutil.Process(srv.proc.pid)
+    old = {w.pid for w in master.children()}
+    os.kill(master.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [ln for ln in srv.read_log().splitlines() if line in ln]
+        new = {w.pid for w in master.children()}
+        if len(lines) == 2 and new and not new & old:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 2, srv.read_log()
+    count = int(re.search(r"fnbox: (\d+) modules imported", lines[1]).group(1))
+    assert count >= 20, lines[1]  # gateway.*, runner.*, jobs.*: imported anew, not found in sys.modules
+    assert not new & old, (old, new)
+    srv.wait_healthy()
+    r = srv.get("/function/hello")
+    assert r.status_code == 200 and r.text == "Hello World!", r.text
+    assert master.num_threads() == 1
