@@ -1,5 +1,9 @@
 """Memory measurements: idle PSS of a whole server, and USS added per in-flight call.
 
+`.venv/bin/python bench/memstats.py <Gunicorn master pid>` prints the PSS, USS and RSS of every process of a
+running fnbox server by role (master, worker, fork server, spare or call), the breakdown docs/performance.md's
+"Idle memory" tables come from.
+
 PSS (proportional set size) charges each shared page to its sharers in equal parts, so summing it over a
 process tree counts the pages that Gunicorn workers and fork servers share copy-on-write once, not once per
 process; RSS would overstate a forking design several times over. Per in-flight call we sum USS (pages
@@ -9,6 +13,7 @@ private to a process) over the processes that appeared for the calls: what each 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -109,3 +114,51 @@ def inflight_uss(server: Server, path: str, calls: int, call_seconds: float) -> 
         new_processes=len(fresh),
         uss_bytes=uss,
     )
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    pid: int
+    role: str  # master, worker, fork server, spare/call (a fork server's child)
+    threads: int
+    pss: int
+    uss: int
+    rss: int
+
+
+def _role(proc: psutil.Process, master: int) -> str:
+    if proc.pid == master:
+        return "master"
+    cmd = " ".join(proc.cmdline())
+    if "runner.forkserver" in cmd:
+        parent = proc.parent()
+        parent_cmd = " ".join(parent.cmdline()) if parent is not None else ""
+        return "spare/call" if "runner.forkserver" in parent_cmd else "fork server"
+    return "worker" if proc.ppid() == master else "other"
+
+
+def breakdown(master_pid: int) -> list[ProcessMemory]:
+    """Every process of the server whose Gunicorn master is master_pid, with its role and memory."""
+    master = psutil.Process(master_pid)
+    out = []
+    for p in [master, *master.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            m = p.memory_full_info()
+            out.append(ProcessMemory(p.pid, _role(p, master_pid), p.num_threads(), m.pss, m.uss, m.rss))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: memstats.py <Gunicorn master pid>", file=sys.stderr)
+        return 2
+    rows = breakdown(int(argv[0]))
+    print(f"{'role':<12} {'pid':>7} {'threads':>7} {'PSS MB':>7} {'USS MB':>7} {'RSS MB':>7}")
+    for r in rows:
+        print(f"{r.role:<12} {r.pid:>7} {r.threads:>7} {r.pss / MB:>7.1f} {r.uss / MB:>7.1f} {r.rss / MB:>7.1f}")
+    print(f"{'total':<12} {len(rows):>7} {'':>7} {sum(r.pss for r in rows) / MB:>7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
