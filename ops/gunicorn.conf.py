@@ -148,7 +148,11 @@ def _share_with_workers(server):
     import glob
 
     before = len(sys.modules)
-    import gateway.app  # noqa: F401  (everything create_app() and a request need)
+    try:
+        import gateway.app  # noqa: F401  (everything create_app() and a request need)
+    except Exception as e:  # each worker imports it then, and fails to boot with the full error, as before
+        server.log.warning("fnbox: cannot import the gateway in the master (%r); each worker imports its own", e)
+        return
 
     # Importing gateway.metrics made this process's multiprocess files (zeros); a worker makes its own on
     # first use, and /metrics must not list the master as a process.
@@ -179,44 +183,6 @@ def on_reload(server):
         if (getattr(module, "__file__", None) or "").startswith(root) and "site-packages" not in module.__file__:
             del sys.modules[name]
     _share_with_workers(server)
-
-
-def _limit_malloc_arenas(server, arenas):
-    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and each arena keeps the
-    memory its thread freed: a worker's 32 request threads held megabytes after load. The limit is set here,
-    in the master before any worker (or thread) exists, and forked workers inherit it."""
-    if not arenas:
-        return
-    import ctypes
-
-    M_ARENA_MAX = -8  # glibc's malloc.h
-    try:
-        ok = ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc
-        ok = 0
-    server.log.info("fnbox: malloc arenas per worker: %s (FNBOX_MALLOC_ARENA_MAX)",
-                    arenas if ok else "the C library's default (cannot set)")
-
-
-def _share_with_workers(server):
-    """Imports the gateway's modules here in the master, before any worker is forked, so that the workers share
-    those pages copy-on-write instead of importing (and holding) a private copy each; then freezes them, so a
-    worker's garbage collections never write to (and copy) the shared objects' GC headers. Only modules: no
-    app, thread, socket, SQLite connection or fork server is made here (create_app() in each worker does)."""
-    import gc
-    import glob
-
-    before = len(sys.modules)
-    import gateway.app  # noqa: F401  (everything create_app() and a request need)
-
-    # Importing gateway.metrics made this process's multiprocess files (zeros); a worker makes its own on
-    # first use, and /metrics must not list the master as a process.
-    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], f"*_{os.getpid()}.db")):
-        os.unlink(path)
-    gc.collect()
-    gc.freeze()
-    server.log.info("fnbox: %d modules imported in the master and shared with the workers (%d frozen objects)",
-                    len(sys.modules) - before, gc.get_freeze_count())
 
 
 def post_worker_init(worker):
