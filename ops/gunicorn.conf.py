@@ -160,8 +160,20 @@ def _share_with_workers(server):
         os.unlink(path)
     gc.collect()
     gc.freeze()
+    _malloc_trim()
     server.log.info("fnbox: %d modules imported in the master and shared with the workers (%d frozen objects)",
                     len(sys.modules) - before, gc.get_freeze_count())
+
+
+def _malloc_trim():
+    """Free C heap pages back to the kernel before forking: a worker would otherwise copy each one it reuses,
+    leaving the master the stale original."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def on_reload(server):
