@@ -153,9 +153,9 @@ def _hold_write_lock(path: str, locked: threading.Event, seconds: float) -> None
 
 @pytest.mark.timeout(30)
 def test_a_call_is_in_the_history_when_its_response_arrives(server):
-    # The next request may land on the other worker, whose flush cannot wait for this worker's queue: the
-    # record must be committed by the time the response arrives, even when the database was busy for a moment
-    # (another writer holding its lock).
+    # The next request may land on the other worker: its read waits for every live writer's accepted records
+    # (gateway/history.py, flush), so the call is found even though the answer did not wait for the commit, and
+    # even when the database was busy for a moment (another writer holding its lock).
     assert server.get("/function/hello").status_code == 200  # the database exists, in WAL mode
     for _ in range(5):
         locked = threading.Event()
