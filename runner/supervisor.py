@@ -239,6 +239,7 @@ class Supervisor:
         self._retrying: threading.Thread | None = None
         self.next_attempt = 0.0  # monotonic time of the next start attempt while retrying
         self._wake = threading.Event()  # ends a retry's wait early when the server closes
+        self._profile_cache: dict[int, tuple[Profile, dict[str, Any], str | None]] = {}
 
     # -- fork server lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -371,6 +372,19 @@ class Supervisor:
         return None if w.msg and w.msg.get("runner_died") else w.msg
 
     # -- one call ----------------------------------------------------------------------------------------
+    def _limits(self, profile: Profile) -> tuple[dict[str, Any], str | None]:
+        """The spawn message's profile (no [env]) and, for warm instances, the profile's digest: computed once
+        per Profile object (runner.profiles gives one object per function until the folder changes)."""
+        cached = self._profile_cache.get(id(profile))
+        if cached is not None and cached[0] is profile:
+            return cached[1], cached[2]
+        limits = dict(profile.to_dict(), env={})
+        key = profile_digest(profile) if profile.reuse_calls > 1 else None
+        if len(self._profile_cache) >= 256:
+            self._profile_cache.clear()
+        self._profile_cache[id(profile)] = (profile, limits, key)  # holds the object: its id is not reused
+        return limits, key
+
     def call(self, inv: Invocation) -> CallResult:
         t0 = time.monotonic()
         fs = self._fork_server()
@@ -384,10 +398,11 @@ class Supervisor:
             # The fork server gets the limits it enforces and nothing of the call's data: no [env] value (they go
             # to the child over its stdin, below), no request, no result. Every child inherits the fork server's
             # memory, so whatever it ever held could be read by any later call.
+            limits, key = self._limits(inv.profile)
             msg = {"op": "spawn", "id": call_id, "function": inv.function, "functions_dir": inv.functions_dir,
-                   "profile": dict(inv.profile.to_dict(), env={}), "request_id": inv.request_id}
-            if inv.profile.reuse_calls > 1:  # performance hook: warm instances key on the whole profile
-                msg["profile_key"] = profile_digest(inv.profile)
+                   "profile": limits, "request_id": inv.request_id}
+            if key is not None:  # performance hook: warm instances key on the whole profile
+                msg["profile_key"] = key
             try:
                 fs.send(msg, [stdin_r, out_w, res_w])
             except OSError:
