@@ -190,6 +190,15 @@ class _Progress:
         except OSError as e:  # readers then cannot wait for this writer: they read what is committed
             print(f"fnbox: call history: cannot publish progress in {self.folder}: {e}", file=sys.stderr)
 
+    def close(self) -> None:
+        if self._map is not None and self._pid == os.getpid():
+            self._map.close()
+            self._map = None
+            try:
+                os.unlink(os.path.join(self.folder, f"{self._pid}-{_start_time(self._pid)}"))
+            except OSError:
+                pass
+
     def others(self) -> list[tuple[str, int]]:
         """(file, records accepted) of every other live writer; dead writers' files are removed."""
         try:
@@ -299,6 +308,8 @@ class History:
         except queue.Full:
             pass
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._progress.close()
 
     def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
         """The writer's connection, and the identity of the file it opened. A database file that is missing
