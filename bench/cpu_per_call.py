@@ -1,7 +1,8 @@
 """CPU per call by process (gateway workers, fork servers, warm instances or fresh children, wrk), side by side
 with the seed: a profiling aid for docs/performance.md, not part of `make bench`.
 
-Usage: .venv/bin/python bench/cpu_per_call.py [--seconds S] [--connections C] [--keep] [--servers seed,fnbox-opt]
+Usage: .venv/bin/python bench/cpu_per_call.py [--seconds S] [--connections C] [--threads T] [--keep]
+                                               [--servers seed,fnbox-opt]
 Runs wrk against GET /function/hello for S seconds per server and prints, per role, CPU ms per answered call
 (process CPU times before and after, children reaped by a process counted to it), and req/s.
 """
@@ -79,11 +80,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--servers", default=f"seed,{OPT_SERVER}")
+    p.add_argument("--threads", type=int, default=None, help="Gunicorn threads per worker (default: the conf's)")
     p.add_argument("--keep", action="store_true", help="keep the servers running until Enter")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fnbox-cpu-"))
     paths = prepare_workdir(tmp)
-    settings = gunicorn_settings(None, None)
+    settings = gunicorn_settings(None, args.threads)
     servers = [start_server(name, paths, settings) for name in args.servers.split(",")]
     try:
         for s in servers:
