@@ -454,7 +454,7 @@ def test_a_broken_history_is_a_clear_503_and_never_fails_a_call(small_server):
         for _ in range(20):
             assert s.get("/function/m_ok").status_code == 200
             hist = s.get("/healthz").json()["history"]
-            if hist["dropped"]:
+            if hist["error"]:  # not `dropped`: a worker may still count records the previous test's lock lost
                 break
         assert hist["dropped"] >= 1 and hist["write_errors"] >= 1 and hist["error"], hist
     finally:
