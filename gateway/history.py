@@ -1,10 +1,15 @@
 """Call history in SQLite (WAL mode), written by one thread per worker, safe with several Gunicorn workers.
 
-Each worker queues its records; one writer thread per worker inserts them in batches (concurrent calls share
-one transaction). A call's record() returns once its record is committed (bounded by wait_s), so the client's
-next request finds it whichever worker answers. A locked or corrupt database costs a logged warning and the
-lost records are counted, never a failed call or a crashed worker; while it fails, calls do not wait for it,
-and the writer reopens the database on its next batch, so history resumes once the cause is gone.
+Each worker queues its records; one writer thread per worker inserts them in batches (the calls of a few ms
+share one transaction, and a call's row and its completion, when both are queued, become one INSERT). A call
+does not wait for its commit (`record(wait=False)`, the gateway's calls): instead every history reader waits.
+Each writing process publishes two counters in a small shared file (`<database>.pending/<pid>-<start>`: records
+accepted, records written), and flush(), which every read of the admin API and the console does first, waits
+(bounded) until every live writer has written what it had accepted when the read began. So a client that gets
+its answer and then asks for the call finds it, whichever worker answers either request. A locked or corrupt
+database costs a logged warning and the lost records are counted, never a failed call or a crashed worker;
+while it fails, nobody waits for it, and the writer reopens the database on its next batch, so history resumes
+once the cause is gone.
 
 Retention (max_rows, max_age_days) is applied every PRUNE_EVERY records under load, and once a worker's
 queue has been idle for PRUNE_IDLE_S, so shortly after calls stop the table holds at most max_rows rows.
@@ -15,9 +20,11 @@ filesystem (SQLite gives the -wal and -shm files the database file's mode).
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -47,6 +54,8 @@ CREATE INDEX IF NOT EXISTS calls_time ON calls (time);
 """
 PRUNE_EVERY = 200  # inserts between two retention passes (per worker) while its queue does not drain
 PRUNE_IDLE_S = 0.2  # a pass per commit cost two DELETEs per call: wait for a pause in the calls instead
+BATCH_WINDOW_S = 0.005  # the writer gathers this long after a first record: fewer commits, answer+completion merged
+_COUNTERS = struct.Struct("=QQ")  # records accepted, records written (committed or lost)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -109,6 +118,26 @@ class _Stop(_Message):
 IDLE, STOP = _Idle(), _Stop()
 
 
+def _merge(batch: list[_Message]) -> list[_Message]:
+    """A call's completion queued in the same batch as its row is folded into that row: one INSERT, no UPDATE."""
+    rows: dict[str, int] = {}
+    out: list[_Message] = []
+    for m in batch:
+        if isinstance(m, Insert) and not m.row.get("complete", 1):
+            rows[m.row.get("request_id", "")] = len(out)
+        elif isinstance(m, Finish) and m.request_id in rows:
+            i = rows.pop(m.request_id)
+            row = dict(out[i].row, cpu_ms=m.cpu_ms, max_rss_kb=m.max_rss_kb, complete=1)  # type: ignore[attr-defined]
+            if m.outcome is not None:
+                row["outcome"] = m.outcome
+            if m.duration_ms is not None:
+                row["duration_ms"] = m.duration_ms
+            out[i] = Insert(row)
+            continue
+        out.append(m)
+    return out
+
+
 def _make_private(path: str) -> None:
     """Creates the database file 0600, or tightens one made before. Only before this process opens any SQLite
     connection to it: closing any descriptor of a file drops every POSIX lock the process holds on it."""
@@ -119,6 +148,88 @@ def _make_private(path: str) -> None:
                 os.chmod(p, 0o600)
     except OSError as e:
         print(f"fnbox: call history: cannot make {path} private: {e}", file=sys.stderr)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat): with the pid, what tells a live
+    writer from a dead one whose pid was reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+class _Progress:
+    """This process's two history counters (accepted, written), shared with every other process through a
+    16-byte file that each reader maps: see the module docstring."""
+
+    def __init__(self, path: str) -> None:
+        self.folder = path + ".pending"
+        self._map: mmap.mmap | None = None
+        self._pid = -1
+
+    def publish(self, queued: int, done: int) -> None:
+        if self._pid != os.getpid():  # first use (or a forked copy): a file of our own
+            self._open()
+        if self._map is not None:
+            _COUNTERS.pack_into(self._map, 0, queued, done)
+
+    def _open(self) -> None:
+        self._pid = os.getpid()
+        self._map = None
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            name = os.path.join(self.folder, f"{self._pid}-{_start_time(self._pid)}")
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, _COUNTERS.size)
+                self._map = mmap.mmap(fd, _COUNTERS.size)
+            finally:
+                os.close(fd)
+        except OSError as e:  # readers then cannot wait for this writer: they read what is committed
+            print(f"fnbox: call history: cannot publish progress in {self.folder}: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._map is not None and self._pid == os.getpid():
+            self._map.close()
+            self._map = None
+            try:
+                os.unlink(os.path.join(self.folder, f"{self._pid}-{_start_time(self._pid)}"))
+            except OSError:
+                pass
+
+    def others(self) -> list[tuple[str, int]]:
+        """(file, records accepted) of every other live writer; dead writers' files are removed."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            pid_s, _, start = name.partition("-")
+            if not pid_s.isdigit() or int(pid_s) == os.getpid():
+                continue
+            path = os.path.join(self.folder, name)
+            if _start_time(int(pid_s)) != start:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                continue
+            counters = _read_counters(path)
+            if counters is not None and counters[1] < counters[0]:
+                out.append((path, counters[0]))
+        return out
+
+
+def _read_counters(path: str) -> tuple[int, int] | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_COUNTERS.size)
+    except OSError:
+        return None
+    return _COUNTERS.unpack(data) if len(data) == _COUNTERS.size else None
 
 
 class History:
@@ -136,14 +247,15 @@ class History:
         self._queued = 0  # records accepted so far
         self._done = 0  # of them, those the writer has finished with (committed or lost)
         self._closed = False
+        self._progress = _Progress(path)
         _make_private(path)
         self._thread = threading.Thread(target=self._writer, name="fnbox-history", daemon=True)
         self._thread.start()
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def record(self, rec: dict[str, Any]) -> None:
-        """Queues one call's record and waits (at most wait_s; not at all while the database fails) until the
-        writer has committed it."""
+    def record(self, rec: dict[str, Any], wait: bool = True) -> None:
+        """Queues one call's record. With `wait`, waits (at most wait_s; not at all while the database fails)
+        until the writer has committed it; without, returns at once: flush() in any process waits for it."""
         with self._cond:
             try:
                 self._queue.put_nowait(Insert(rec))
@@ -152,7 +264,8 @@ class History:
                 return
             self._queued += 1
             seq = self._queued
-            if self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
+            self._progress.publish(self._queued, self._done)
+            if wait and self.wait_s > 0 and self.error is None and not self._closed and self._thread.is_alive():
                 self._cond.wait_for(lambda: self._done >= seq, self.wait_s)
 
     def finish(self, request_id: str, cpu_ms: float | None, max_rss_kb: int | None, outcome: str | None = None,
@@ -167,12 +280,25 @@ class History:
                 self.dropped += 1
                 return
             self._queued += 1
+            self._progress.publish(self._queued, self._done)
 
     def flush(self, timeout: float = 2.0) -> bool:
-        """Waits (bounded) until every queued record of this worker is written. Retention is not waited for: it
-        runs when the calls pause, and a read must not wait for that pause."""
+        """Waits (bounded) until every record this worker and every other live writer (the server's other
+        workers) had accepted is written. Retention is not waited for: it runs when the calls pause, and a read
+        must not wait for that pause."""
+        deadline = time.monotonic() + timeout
+        others = self._progress.others()
         with self._cond:
-            return self._cond.wait_for(lambda: self._done >= self._queued, timeout)
+            ok = self._cond.wait_for(lambda: self._done >= self._queued, timeout)
+        for path, target in others:
+            while True:
+                counters = _read_counters(path)
+                if counters is None or counters[1] >= target:
+                    break
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.002)
+        return ok
 
     def close(self, timeout: float = 2.0) -> None:
         self.flush(timeout)
@@ -182,6 +308,8 @@ class History:
         except queue.Full:
             pass
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._progress.close()
 
     def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
         """The writer's connection, and the identity of the file it opened. A database file that is missing
@@ -220,6 +348,8 @@ class History:
                 first = IDLE  # calls paused: apply retention now
             if first is STOP:
                 return
+            if first.counted and BATCH_WINDOW_S:
+                time.sleep(BATCH_WINDOW_S)  # let the calls of the next few ms (and this one's completion) join
             batch = [first]
             while len(batch) < 500:
                 try:
@@ -231,6 +361,7 @@ class History:
                     break
                 batch.append(nxt)
             counted = sum(1 for m in batch if m.counted)
+            batch = _merge(batch)
             try:
                 if db is not None and self._replaced(ident):
                     # Removed or replaced under us (an operator moving a corrupt file aside, a restore): our
@@ -263,6 +394,7 @@ class History:
             finally:
                 with self._cond:
                     self._done += counted
+                    self._progress.publish(self._queued, self._done)
                     self._cond.notify_all()
 
     def _prune(self, db: sqlite3.Connection) -> None:
@@ -310,7 +442,10 @@ class History:
         return bool(self._read("SELECT 1 FROM calls WHERE function=? LIMIT 1", (function,)))
 
     def health(self) -> dict[str, Any]:
-        """This worker's writer: records lost so far and the database's last error (None once writes work)."""
+        """This worker's writer: records lost so far and the database's last error (None once writes work), once
+        what it had accepted is written (bounded): a call answered just before is counted."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done >= self._queued, 1.0)
         return {"dropped": self.dropped, "write_errors": self.errors, "error": self.error}
 
     def call(self, request_id: str) -> dict[str, Any] | None:

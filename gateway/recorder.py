@@ -1,8 +1,9 @@
 """One call's traces, written in one place: the metrics, the history row and the JSON log line.
 
 A call is answered, then it ends (its last process is gone; often a few ms later, the cpu and peak memory
-known only then). `answered()` counts it and commits its history row before the response goes out (the next
-request finds it, on any worker); `ended()` completes the row, observes the memory and writes the log line.
+known only then). `answered()` counts it and queues its history row without waiting for the commit (a later
+read on any worker waits for it: gateway/history.py, flush); `ended()` completes the row, observes the memory
+and writes the log line.
 A call that answered and then was killed (it kept running until its timeout) is recorded with that outcome.
 The record itself is built by gateway.calllog.call_record / complete.
 """
@@ -42,7 +43,7 @@ class CallRecorder:
             metrics.observe(self.function, outcome, status, total_ms / 1000)
             row = dict(self.record, time=time.time(), version=self.rt.store.current(self.function),
                        complete=0 if self.pending else 1)
-            self.rt.history.record(row)
+            self.rt.history.record(row, wait=False)
 
     def ended(self, result: CallResult | None) -> None:
         """When the call's last process is gone (now, or after the answer): its CPU and peak memory, and its

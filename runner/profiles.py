@@ -220,12 +220,20 @@ class ProfileSet:
 
     profiles: Mapping[str, Profile]
     overrides: Mapping[str, Mapping[str, Any]]
+    # The snapshot never changes: each function's Profile is built once (the gateway asks on every call).
+    _resolved: dict[str, Profile] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def for_function(self, name: str) -> Profile:
+        done = self._resolved.get(name)
+        if done is not None:
+            return done
         over = self.overrides.get(name, {})
         base = self.profiles[over.get("profile", "default")]
         extra = {k: v for k, v in over.items() if k != "profile"}
-        return dataclasses.replace(base, **extra) if extra else base
+        profile = dataclasses.replace(base, **extra) if extra else base
+        if len(self._resolved) < 4096:  # names that are not functions are asked too (a 404 each)
+            self._resolved[name] = profile
+        return profile
 
     def scheduled(self) -> dict[str, Profile]:
         """Every function whose table in functions.toml has a `schedule` or an `every`."""
@@ -274,20 +282,28 @@ class ProfileStore:
     def __init__(self, directory: str) -> None:
         self.directory = os.path.abspath(directory)
         self._lock = threading.Lock()
+        self._listed: tuple[tuple, list[str]] | None = None
         self._stamp = self._fingerprint()
         self._current = load_profiles(self.directory)  # raises: the server refuses to start
         self.error: str | None = None
 
     def _fingerprint(self) -> tuple:
+        """The folder's and its .toml files' identities. The names are listed again only when the folder's
+        mtime changes (adding, removing or renaming a file changes it; an in-place edit changes the file's)."""
         stamps = []
         try:
             st = os.stat(self.directory)
-            stamps.append((self.directory, st.st_mtime_ns, st.st_ino))
-            for name in sorted(os.listdir(self.directory)):
-                if name.endswith(".toml"):
-                    st = os.stat(os.path.join(self.directory, name))
-                    stamps.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+            dir_stamp = (self.directory, st.st_mtime_ns, st.st_ino)
+            stamps.append(dir_stamp)
+            listed = self._listed
+            if listed is None or listed[0] != dir_stamp:
+                listed = self._listed = (dir_stamp, [n for n in sorted(os.listdir(self.directory))
+                                                     if n.endswith(".toml")])
+            for name in listed[1]:
+                st = os.stat(os.path.join(self.directory, name))
+                stamps.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
+            self._listed = None
             stamps.append(("error",))
         return tuple(stamps)
 
