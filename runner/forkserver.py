@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import psutil
 
-from runner import fsview, instances, outcomes, preload
+from runner import fsview, instances, outcomes, preload, rawfork
 from runner.config import Settings
 from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
@@ -305,7 +305,7 @@ class ForkServer:
     def _fork(self, body: Callable[[], object], what: str) -> int:
         """Forks a child that runs body() and exits: with body's ExitCode if it returns, with SETUP_FAILED
         (and a line on stderr, the server log) if it raises. A call's body never returns (child.main exits)."""
-        pid = os.fork()
+        pid = rawfork.fork()  # os.fork() without the after-fork work a single-threaded parent does not need
         if pid:
             return pid
         code = ExitCode.SETUP_FAILED
@@ -596,6 +596,7 @@ def main() -> None:
     if not msg or msg.get("op") != "settings":
         sys.exit(2)
     settings = Settings.from_dict(msg["settings"])
+    rawfork.install(settings.raw_fork)  # before a preloaded module can register an at-fork hook
     server = ForkServer(sock, settings)
     from runner import deps
 
