@@ -62,6 +62,9 @@ def main(argv: list[str]) -> int:
     n = int(argv[0]) if argv else 30
     fdir = tempfile.mkdtemp(prefix="fnbox-bench-fn-")
     shutil.copy(os.path.join(os.path.dirname(__file__), "functions", "hello.py"), fdir)
+    # A sandboxed call cannot write a .pyc (its functions folder is read-only): neither may these children, or
+    # all but the first would import from the cache the first one wrote.
+    sys.dont_write_bytecode = True
     rawfork.install()
     child.warm()
     gc.collect()
