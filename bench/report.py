@@ -38,7 +38,7 @@ same machine and under the same Gunicorn settings (gthread, the workers and thre
 - **fnbox**: the real server, `gunicorn -c ops/gunicorn.conf.py`, with a copy of `sandbox_profiles/` whose
   `functions.toml` only raises `max_concurrency` to 32 for the two sleeping functions.
 - **fnbox-opt**: the same server with the two opt-in modes, on its own copy of the functions: `hello` with
-  `reuse_calls = 1000` (warm instances) and `webhook` with `preload = ["requests"]`. It runs only the
+  `reuse_calls = 1000` (warm instances) and `webhook` with `preload = ["requests", "boto3"]`. It runs only the
   `hello` and `webhook` scenarios. A preloaded module is in every call of its server (docs/operators.md), so
   fresh and preloaded need two servers.
 - **fnbox-v1**: the same server with the second sandbox's layers off (`FNBOX_SANDBOX_OFF`: the file system
@@ -337,11 +337,11 @@ def render(
         "",
         "Scenarios: `hello@1` and `hello@8` GET /function/hello with 1 and 8 connections; `echo64k@8` POSTs",
         "a 64 KB JSON body to a JSON echo function with 8 connections; `sleep100@32` calls a function that",
-        "sleeps 100 ms with 32 connections; `webhook@8` calls a function that imports `requests` at the top",
-        "and prepares a POST with it. `fnbox-opt` is fnbox with the two opt-in modes: `hello` with",
-        "`reuse_calls = 1000` (warm instances) and `webhook` with `preload = [\"requests\"]`; it runs only",
-        "those scenarios. Medians over rounds; errors are summed over rounds (socket errors, timeouts, HTTP",
-        "statuses >= 400). A call slower than the timeout is an error, not a latency.",
+        "sleeps 100 ms with 32 connections; `webhook@8` calls a function that imports `requests` and `boto3`",
+        "at the top and prepares a POST with requests. `fnbox-opt` is fnbox with the two opt-in modes: `hello`",
+        "with `reuse_calls = 1000` (warm instances) and `webhook` with `preload = [\"requests\", \"boto3\"]`;",
+        "it runs only those scenarios. Medians over rounds; errors are summed over rounds (socket errors,",
+        "timeouts, HTTP statuses >= 400). A call slower than the timeout is an error, not a latency.",
         "",
         throughput_table(rows, servers),
         "",

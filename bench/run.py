@@ -66,7 +66,7 @@ OPT_TOML = """
 reuse_calls = 1000
 
 [webhook]
-preload = ["requests"]
+preload = ["requests", "boto3"]
 """
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flask
+from flask.ctx import RequestContext
 from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
 from runner import deps, outcomes
@@ -72,6 +73,9 @@ def build_app() -> flask.Flask:
 
 
 APP = build_app()
+_SESSION_INTERFACE = APP.session_interface
+_NULL_SESSION = _SESSION_INTERFACE.make_null_session(APP)  # what every call without a secret key gets
+_request_started, _request_finished = flask.request_started, flask.request_finished
 
 
 def _load(functions_dir: str, name: str) -> types.ModuleType:
@@ -266,9 +270,58 @@ def import_function(functions_dir: str, name: str, profile: Profile) -> types.Mo
         return _failure(e, profile.network)
 
 
+def _full_dispatch(ctx: Any) -> flask.Response:
+    """APP.full_dispatch_request(), minus the steps that have nothing to do: signals without receivers,
+    before/after-request hooks that are not registered, saving a null session. Each skipped step is still taken
+    when something is registered for it (a function may connect a signal at import, or call
+    after_this_request), so the outcome is the same; what a fresh call saves is the copy-on-write faults of
+    walking Flask's machinery (bench/child_faults.py)."""
+    APP._got_first_request = True
+    try:
+        if _request_started.receivers:
+            _request_started.send(APP, _async_wrapper=APP.ensure_sync)
+        rv = APP.preprocess_request() if APP.url_value_preprocessors or APP.before_request_funcs else None
+        if rv is None:
+            rv = APP.dispatch_request()
+    except Exception as e:
+        rv = APP.handle_user_exception(e)
+    if (ctx._after_request_functions or APP.after_request_funcs or _request_finished.receivers
+            or not APP.session_interface.is_null_session(ctx._session)):
+        return APP.finalize_request(rv)
+    return APP.make_response(rv)
+
+
+def _request_context(environ: dict[str, Any]) -> Any:
+    """APP.request_context(environ), with the fork server's ready-made null session when the app has no
+    secret key and its own session interface (what open_session() would return anyway)."""
+    if APP.secret_key is None and APP.session_interface is _SESSION_INTERFACE:
+        return RequestContext(APP, environ, session=_NULL_SESSION)
+    return APP.request_context(environ)
+
+
+def _respond(environ: dict[str, Any], max_body: int, fresh: bool) -> tuple[dict[str, Any], bytes]:
+    """The view's response to environ, serialized. fresh: this process ends after the call, so the request
+    context is never popped (teardown has nothing registered, the request's files die with the process)."""
+    ctx = _request_context(environ)
+    ctx.push()
+    try:
+        try:
+            resp = _full_dispatch(ctx)
+        except HTTPException as e:  # raised from a place Flask does not catch (e.g. make_response)
+            resp = e.get_response()
+        result = _serialize(resp, max_body)
+    except BaseException as e:
+        ctx.pop(e)
+        raise
+    if not fresh:
+        ctx.pop(None)
+    return result
+
+
 def dispatch(module: types.ModuleType, functions_dir: str, name: str, profile: Profile,
-             environ: dict[str, Any]) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
-    """Runs the module's entry point on the request through Flask; the result frame (header, body)."""
+             environ: dict[str, Any], fresh: bool = False) -> dict[str, Any] | tuple[dict[str, Any], bytes]:
+    """Runs the module's entry point on the request through Flask; the result frame (header, body). fresh:
+    the process exits after this call (a warm instance's does not)."""
     global _main
     _main = entry_point(module, profile.entry_point)
     if _main is None:
@@ -277,12 +330,7 @@ def dispatch(module: types.ModuleType, functions_dir: str, name: str, profile: P
                       f"`{profile.entry_point}(request)`{where}")
     APP.root_path = functions_dir
     try:
-        with APP.request_context(environ):
-            try:
-                resp = APP.full_dispatch_request()
-            except HTTPException as e:  # raised from a place Flask does not catch (e.g. make_response)
-                resp = e.get_response()
-            return _serialize(resp, profile.max_response_kb * 1024)
+        return _respond(environ, profile.max_response_kb * 1024, fresh)
     except MemoryError as e:
         return _error(outcomes.MEMORY_LIMIT, e, "memory limit reached (MemoryError)")
     except BaseException as e:
@@ -294,7 +342,7 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
     module = import_function(functions_dir, name, profile)
     if isinstance(module, dict):
         return module
-    return dispatch(module, functions_dir, name, profile, environ)
+    return dispatch(module, functions_dir, name, profile, environ, fresh=True)
 
 
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")
@@ -316,8 +364,7 @@ def warm(full: bool = True) -> None:
                         "CONTENT_LENGTH": str(len(body)), "HTTP_COOKIE": "a=b", "wsgi.input": io.BytesIO(body)})
     try:
         _main = _load(WARM_DIR, "probe").main
-        with APP.request_context(environ):
-            _serialize(APP.full_dispatch_request(), 1 << 20)
+        _respond(environ, 1 << 20, fresh=False)
     finally:
         _main = None
         for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:

@@ -67,6 +67,9 @@ class Settings:
     # Sandbox v2 layers turned off on purpose (FNBOX_SANDBOX_OFF, comma-separated): only for the benchmark's
     # with/without comparison and for debugging; every layer named here is reported DEGRADED, never active.
     sandbox_off: frozenset[str] = frozenset()
+    # The fork server forks call processes without CPython's after-fork hooks while it is single-threaded
+    # (runner/rawfork.py; FNBOX_RAW_FORK=0: always os.fork()). Only a switch to compare or rule it out.
+    raw_fork: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -97,6 +100,7 @@ class Settings:
             malloc_arena_max=env_int(env, "FNBOX_MALLOC_ARENA_MAX", 2, minimum=0),
             shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
             sandbox_off=_layers_off(env.get("FNBOX_SANDBOX_OFF") or ""),
+            raw_fork=env_int(env, "FNBOX_RAW_FORK", 1, minimum=0) != 0,
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),

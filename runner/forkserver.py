@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import psutil
 
-from runner import fsview, instances, outcomes, preload
+from runner import fsview, instances, outcomes, preload, rawfork
 from runner.config import Settings
 from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
@@ -248,10 +248,13 @@ class ForkServer:
                 spare.slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
                 spare.slot.cgroup.reset_peak()
             # The scratch dir takes the call's name: an idle spare's dir ends in "-s<n>", a call's never does.
-            scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.key}-{os.getpid()}-{call_id}")
+            scratch = spare.scratch
+            if scratch != self.settings.scratch_dir:
+                scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.key}-{os.getpid()}-{call_id}")
             try:
-                os.rename(spare.scratch, scratch)
-                spare.scratch = scratch
+                if scratch != spare.scratch:
+                    os.rename(spare.scratch, scratch)
+                    spare.scratch = scratch
                 send_msg(spare.sock, {"functions_dir": msg["functions_dir"], "function": msg["function"],
                                       "profile": msg["profile"], "scratch": scratch}, fds)
             except OSError:  # it died idle (reaped below): the call goes to another spare or a fresh fork
@@ -287,13 +290,22 @@ class ForkServer:
             slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
             slot.cgroup.reset_peak()
         try:
-            scratch = make_scratch(self.settings, slot, f"{os.getpid()}-{call_id}")
+            scratch = self._scratch(slot, f"{os.getpid()}-{call_id}")
         except OSError as e:  # the scratch file system is full or broken: this call cannot run, others may
             self.slots.release(slot)
             self._send({"op": "exit", "id": call_id, "outcome": Outcome.UNAVAILABLE,
                         "message": f"cannot create the call's scratch directory: {e.strerror}"})
             return None
         return slot, scratch, self.slots.litter_stamp()
+
+    def _scratch(self, slot: Slot, name: str) -> str:
+        """The call's scratch folder on the host (its cwd, HOME and TMPDIR). With a file system view a call never
+        sees it (those are its own tmpfs /tmp): the scratch root itself (root's, 0711) is only its cwd until it
+        enters the view, and no folder is made, chowned, renamed and removed per call (on ext4 those journaled
+        metadata operations were ~20 % of a loaded fork server's samples, docs/performance.md)."""
+        if slot.mntns is not None:
+            return self.settings.scratch_dir
+        return make_scratch(self.settings, slot, name)
 
     def _track(self, call: Call) -> None:
         call.started = time.monotonic()
@@ -306,7 +318,7 @@ class ForkServer:
     def _fork(self, body: Callable[[], object], what: str) -> int:
         """Forks a child that runs body() and exits: with body's ExitCode if it returns, with SETUP_FAILED
         (and a line on stderr, the server log) if it raises. A call's body never returns (child.main exits)."""
-        pid = os.fork()
+        pid = rawfork.fork()  # os.fork() without the after-fork work a single-threaded parent does not need
         if pid:
             return pid
         code = ExitCode.SETUP_FAILED
@@ -332,7 +344,7 @@ class ForkServer:
             self.spare_retry_at = time.monotonic() + 1.0  # every slot busy: calls first, spares later
             return
         try:
-            scratch = make_scratch(self.settings, slot, f"{os.getpid()}-s{next(self._spare_ids)}")
+            scratch = self._scratch(slot, f"{os.getpid()}-s{next(self._spare_ids)}")
         except OSError:  # the scratch file system is full: no spares until it is not
             self.slots.release(slot)
             self.spare_retry_at = time.monotonic() + 1.0
@@ -520,7 +532,8 @@ class ForkServer:
             self._send(self._report(e.call, e.status, e.rusage))
         # Before the slot (so its uid) can be reused: what the call left is removed or made root's, and a
         # big cleanup goes to a janitor process, which releases the slot when it is done.
-        leftovers = [] if remove_scratch(e.scratch) else [e.scratch]
+        shared = e.scratch == self.settings.scratch_dir  # a call with a view has no folder of its own
+        leftovers = [] if shared or remove_scratch(e.scratch) else [e.scratch]
         if self.slots.litter_changed(e.litter):
             if leftovers or not self.slots.litter_small():
                 self._janitor(e.slot, leftovers, e.litter)
@@ -608,6 +621,7 @@ def main() -> None:
     if not msg or msg.get("op") != "settings":
         sys.exit(2)
     settings = Settings.from_dict(msg["settings"])
+    rawfork.install(settings.raw_fork)  # before a preloaded module can register an at-fork hook
     server = ForkServer(sock, settings)
     from runner import deps
 

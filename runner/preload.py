@@ -84,8 +84,12 @@ def _library_roots() -> tuple[str, ...]:
 
 def _foreign_modules(before: set[str], roots: tuple[str, ...]) -> Iterator[str]:
     """Modules imported since `before` whose file lies outside the standard library and site-packages."""
+    main = sys.modules.get("__main__")
     for name in set(sys.modules) - before:
-        path = getattr(sys.modules.get(name), "__file__", None)
+        module = sys.modules.get(name)
+        if module is main:  # an alias of the fork server itself (multiprocessing's __mp_main__, which boto3 loads)
+            continue
+        path = getattr(module, "__file__", None)
         if path and not os.path.realpath(path).startswith(roots):
             yield f"{name} ({path})"
 

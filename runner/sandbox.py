@@ -127,7 +127,8 @@ class Layers:
             "psutil_watchdog": "active: wall clock, " + (
                 "and any OOM kill in the call's memory cgroup ends the call" if self.cgroup_memory else
                 "and tree memory (RSS, then PSS), polled by the fork server"),
-            "scratch_dir": "active: fresh per call, removed afterwards",
+            "scratch_dir": "active: not needed: a call's cwd, HOME and TMPDIR are its own tmpfs" if self.fsview
+            else "active: fresh per call, removed afterwards",
             "file_system_view": st(self.fsview, "a read-only root of its own per call (runtime, venv, its own "
                                                 "function; no project, profiles, history, /home, /root, /var, "
                                                 "/sys or host socket), a private /tmp of max_disk_mb",

@@ -132,3 +132,19 @@ def test_the_trial_import_refuses_what_would_hurt_the_fork_server(tmp_path, monk
     monkeypatch.setattr(preload, "TRIAL_TIMEOUT", 1.0)
     assert reason in preload._trial(name)
     assert name not in __import__("sys").modules  # only the throwaway child imported it
+
+
+def test_a_library_that_imports_multiprocessing_may_be_preloaded(tmp_path):
+    """multiprocessing aliases the running program as `__mp_main__` (boto3 imports it): that alias is the fork
+    server itself, not foreign code, and must not make the trial refuse the library."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    main = tmp_path / "main.py"  # a __main__ outside site-packages, like the fork server's
+    main.write_text("from runner import preload\nprint(repr(preload._trial('multiprocessing')))\n")
+    out = subprocess.run([sys.executable, str(main)], cwd=REPO, capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "''"
