@@ -128,13 +128,9 @@ def _limit_malloc_arenas(server, arenas):
     in the master before any worker (or thread) exists, and forked workers inherit it."""
     if not arenas:
         return
-    import ctypes
+    from runner import heap
 
-    M_ARENA_MAX = -8  # glibc's malloc.h
-    try:
-        ok = ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc
-        ok = 0
+    ok = heap.limit_arenas(arenas)
     server.log.info("fnbox: malloc arenas per worker: %s (FNBOX_MALLOC_ARENA_MAX)",
                     arenas if ok else "the C library's default (cannot set)")
 
@@ -146,6 +142,8 @@ def _share_with_workers(server):
     app, thread, socket, SQLite connection or fork server is made here (create_app() in each worker does)."""
     import gc
     import glob
+
+    from runner import heap
 
     before = len(sys.modules)
     try:
@@ -160,20 +158,9 @@ def _share_with_workers(server):
         os.unlink(path)
     gc.collect()
     gc.freeze()
-    _malloc_trim()
+    heap.trim()  # free C heap pages: a worker would copy each one it reuses, leaving the master a stale one
     server.log.info("fnbox: %d modules imported in the master and shared with the workers (%d frozen objects)",
                     len(sys.modules) - before, gc.get_freeze_count())
-
-
-def _malloc_trim():
-    """Free C heap pages back to the kernel before forking: a worker would otherwise copy each one it reuses,
-    leaving the master the stale original."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def on_reload(server):

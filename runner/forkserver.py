@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import psutil
 
-from runner import fsview, instances, outcomes, preload, rawfork
+from runner import fsview, heap, instances, outcomes, preload, rawfork
 from runner.config import Settings
 from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
@@ -153,7 +153,7 @@ class ForkServer:
         self.data_base = data_usage()
         gc.collect()
         gc.freeze()  # children then never touch (copy) the inherited objects' GC headers
-        trim_heap()  # the warm-up's freed memory goes back to the kernel: neither we nor any child holds it
+        heap.trim()  # the warm-up's freed memory goes back to the kernel: neither we nor any child holds it
         if orphans:
             self._janitor(None, orphans)
         send_msg(self.sock, {"op": "ready", "pid": os.getpid(), "layers": self.layers.describe()})
@@ -599,17 +599,6 @@ class ForkServer:
             self._settle()
             time.sleep(0.005)
         self.slots.close()
-
-
-def trim_heap() -> None:
-    """glibc's malloc_trim(0): returns every free page of the C heap to the kernel (Python's own object arenas
-    are not affected). Elsewhere than glibc: nothing."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def main() -> None:

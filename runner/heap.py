@@ -1,0 +1,29 @@
+"""The C heap (glibc malloc) of fnbox's long-lived processes: give freed pages back before forking, and bound
+the arenas a multi-threaded worker keeps. Elsewhere than glibc both do nothing."""
+
+from __future__ import annotations
+
+import ctypes
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def trim() -> None:
+    """malloc_trim(0): every free page of the C heap back to the kernel (Python's object arenas are not
+    affected), so that neither this process nor any child forked from it holds them."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def limit_arenas(arenas: int) -> bool:
+    """mallopt(M_ARENA_MAX, arenas), before any thread exists; whether the C library took it."""
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_ARENA_MAX, arenas))
