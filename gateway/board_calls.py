@@ -117,7 +117,10 @@ def fetch(url: str, token: str, timeout: float) -> Any:
             why = e.reason
         raise BoardUnreachable(f"HTTP {e.code} ({why})"[:300]) from None
     except (OSError, ValueError, urllib.error.URLError) as e:
-        raise BoardUnreachable(str(getattr(e, "reason", e))[:300] or type(e).__name__) from None
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError):
+            raise BoardUnreachable(f"no answer within {timeout:g} s") from None
+        raise BoardUnreachable(str(reason)[:300] or type(e).__name__) from None
 
 
 @dataclass(frozen=True)
