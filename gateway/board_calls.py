@@ -34,6 +34,7 @@ class CallQuery:
     filter: CallFilter
     limit: int = 50
     board: str | None = None  # one board's calls only
+    after: int | None = None  # with board: that board's calls after this row id, oldest first (a live tail)
 
     @classmethod
     def from_args(cls, args: Any, default_limit: int = 50) -> CallQuery:
@@ -66,9 +67,12 @@ class CallQuery:
         if board is not None and not (board.replace("-", "").replace("_", "").replace(".", "").isalnum()
                                       and len(board) <= 64):
             raise GatewayError("bad_request", "board must be a board's name (FNBOX_BOARD)")
+        after = args.get("after") or None
+        if after is not None and not (after.isdigit() and board):
+            raise GatewayError("bad_request", "after must be a row id of the board named by `board`")
         f = CallFilter(function=function, outcome=outcome, status=int(status) if status else None,
                        since=num("since"), until=num("until"), errors=errors in ("1", "true"))
-        return cls(f, int(raw), board)
+        return cls(f, int(raw), board, int(after) if after else None)
 
     def params(self, board: str) -> str:
         """This query as another board's GET /admin/calls query string, narrowed to that board."""
@@ -76,6 +80,8 @@ class CallQuery:
         d = {"function": f.function, "outcome": f.outcome, "status": f.status,
              "since": repr(f.since) if f.since is not None else None,
              "until": repr(f.until) if f.until is not None else None, "errors": "1" if f.errors else None}
+        if self.after is not None:
+            d["after"] = str(self.after)
         return urllib.parse.urlencode({**{k: v for k, v in d.items() if v is not None}, "limit": self.limit,
                                        "board": board})
 
@@ -145,13 +151,17 @@ def boards() -> Boards:
 def local_calls(q: CallQuery) -> list[dict[str, Any]]:
     rt = current_app.extensions["fnbox"]
     rt.history.flush(1.0)  # this worker's own records are committed
-    rows = HistoryReader(rt.history.path).calls(q.filter, limit=q.limit, by_time=True)
+    reader = HistoryReader(rt.history.path)
+    if q.after is not None:
+        rows = reader.calls_after(q.filter, q.after, q.limit)
+    else:
+        rows = reader.calls(q.filter, limit=q.limit, by_time=True)
     for r in rows:
         r.pop("complete", None)
     return rows
 
 
-def _fan_out(urls: dict[str, str], timeout: float) -> tuple[dict[str, Any], list[dict[str, str]]]:
+def fan_out(urls: dict[str, str], timeout: float) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """GET every URL at once (name -> URL), bounded by `timeout` in all: the answers, and who did not answer."""
     token = current_app.extensions["fnbox"].admin_token
     if not urls:
@@ -177,10 +187,13 @@ def _fan_out(urls: dict[str, str], timeout: float) -> tuple[dict[str, Any], list
     return answers, unreachable
 
 
-def listing(q: CallQuery, fanout: bool = True) -> dict[str, Any]:
-    """The calls of every board (or of q.board), newest first, each with its `board`. fanout=False: this board's
-    own (what a board answers to another)."""
-    b = boards() if fanout else Boards(current_app.extensions["fnbox_jobs"].settings.board, {})
+def listing(q: CallQuery, fanout: bool = True, b: Boards | None = None, timeout: float | None = None
+            ) -> dict[str, Any]:
+    """The calls of every board (or of q.board), newest first (with q.after: oldest first), each with its `board`.
+    fanout=False: this board's own (what a board answers to another). b, timeout: the boards to ask (default:
+    the registry's) and for how long (default FNBOX_BOARD_TIMEOUT_S)."""
+    if b is None:
+        b = boards() if fanout else Boards(current_app.extensions["fnbox_jobs"].settings.board, {})
     known = [b.me, *sorted(b.others)]
     if q.board is not None and q.board not in known:
         raise GatewayError("not_found", f"no board named {q.board!r} (known: {', '.join(known)})")
@@ -190,7 +203,7 @@ def listing(q: CallQuery, fanout: bool = True) -> dict[str, Any]:
         rows = [dict(r, board=b.me) for r in local_calls(q)]
         answered.append(b.me)
     targets = {n: f"{u}/admin/calls?{q.params(n)}" for n, u in b.others.items() if q.board in (None, n)}
-    answers, unreachable = _fan_out(targets, current_app.extensions["fnbox_jobs"].settings.board_timeout_s)
+    answers, unreachable = fan_out(targets, timeout or current_app.extensions["fnbox_jobs"].settings.board_timeout_s)
     for name, doc in answers.items():
         calls = doc.get("calls") if isinstance(doc, dict) else None
         if not isinstance(calls, list):
@@ -198,7 +211,8 @@ def listing(q: CallQuery, fanout: bool = True) -> dict[str, Any]:
             continue
         rows += [dict(r, board=name) for r in calls if isinstance(r, dict)]
         answered.append(name)
-    rows.sort(key=lambda r: (r.get("time") or 0, r.get("id") or 0), reverse=True)
+    if q.after is None:
+        rows.sort(key=lambda r: (r.get("time") or 0, r.get("id") or 0), reverse=True)
     doc: dict[str, Any] = {"board": b.me, "boards": sorted(answered), "unreachable": unreachable,
                            "calls": rows[: q.limit]}
     if b.error:
@@ -218,7 +232,7 @@ def find_call(request_id: str, board: str | None = None) -> tuple[str, dict[str,
             return (b.me, rec) if rec is not None else None
     path = f"/admin/calls/{urllib.parse.quote(request_id, safe='')}"
     targets = {n: u + path for n, u in b.others.items() if board in (None, n)}
-    answers, unreachable = _fan_out(targets, current_app.extensions["fnbox_jobs"].settings.board_timeout_s)
+    answers, unreachable = fan_out(targets, current_app.extensions["fnbox_jobs"].settings.board_timeout_s)
     for name in sorted(answers):
         if isinstance(answers[name], dict) and answers[name].get("request_id") == request_id:
             return name, answers[name]

@@ -168,6 +168,8 @@ def document() -> dict[str, Any]:
                     {"name": "board", "in": "query", "schema": {"type": "string"},
                      "description": "only this board's calls (its FNBOX_BOARD); 404 `not_found` for a board "
                                     "that is not registered"},
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                     "description": "with `board`: that board's calls after this row id, oldest first (a tail)"},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                                                 "default": 50}}],
                 "summary": "The newest calls of every board (several boards: FNBOX_REDIS_URL; one board: its own), "

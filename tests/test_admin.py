@@ -552,12 +552,14 @@ def test_every_board_calls_on_one_board_are_its_own_labelled_and_filtered(server
     page = admin(server, "GET", f"/calls?function=listed&until={doc['calls'][0]['time']!r}").json()["calls"]
     assert [c["request_id"] for c in page] == rids[1::-1]
     assert admin(server, "GET", f"/calls?function=listed&board={board}").json()["calls"] == doc["calls"]
+    tail = admin(server, "GET", f"/calls?function=listed&board={board}&after={doc['calls'][-1]['id']}").json()
+    assert [c["request_id"] for c in tail["calls"]] == rids[1:]  # a tail: after that row, oldest first
     # The old endpoint is the same listing, for one function.
     old = admin(server, "GET", "/cluster/calls?function=listed").json()
     assert old["function"] == "listed" and old["calls"] == doc["calls"] and old["unreachable"] == []
     assert_error(admin(server, "GET", "/cluster/calls"), 400, "bad_request")
     for bad in ("limit=0", "limit=x", "errors=maybe", "since=yesterday", "until=x", "status=99", "board=a%20b",
-                "function=no-such"):
+                "function=no-such", "after=3", f"after=x&board={board}"):
         assert_error(admin(server, "GET", f"/calls?{bad}"), 400, "bad_request")
     assert "no board named 'elsewhere'" in assert_error(admin(server, "GET", "/calls?board=elsewhere"), 404,
                                                          "not_found")["message"]

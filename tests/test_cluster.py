@@ -332,6 +332,21 @@ def test_every_boards_calls_in_one_place_api_cli_and_console(cluster):
     fn = sess.get(cluster.boards[0].url + "/console/functions/echo", timeout=30).text
     assert all(r in fn for r in echo)  # the function page's recent calls, of every board
 
+    # The live tail of board 1 shows new calls of every board, each with its board.
+    with sess.get(cluster.boards[0].url + "/console/api/calls/stream?function=echo", stream=True, timeout=15) as resp:
+        lines = resp.iter_lines(decode_unicode=True)
+        assert next(lines).startswith("retry:")  # the stream is open: calls from now on are sent
+        made = {b.get("/function/echo").headers["X-Request-Id"]: b.env["FNBOX_BOARD"] for b in cluster.boards[::-1]}
+        got: dict[str, str] = {}
+        deadline = time.monotonic() + 10
+        for line in lines:
+            if line.startswith("data:"):
+                c = json.loads(line[5:])
+                got[c["request_id"]] = c["board"]
+            if set(made) <= set(got) or time.monotonic() > deadline:
+                break
+    assert {r: got.get(r) for r in made} == made
+
 
 def test_a_board_that_does_not_answer_is_named_and_the_others_listed(cluster):
     """A dead board (connection refused), a board that never answers and one that redirects: each is skipped and
