@@ -258,11 +258,14 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_calls(calls: list[dict[str, Any]]) -> None:
+def _print_calls(calls: list[dict[str, Any]], boards: bool = False) -> None:
+    """boards: each line says which board ran the call (a cluster's listing)."""
     for c in calls:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
-        print(f"{when}  {c['request_id']}  v{c.get('version') or '-'}  {c['method']} {c['path']}  {c['status']} "
-              f"{c['outcome']}  {c['duration_ms']} ms  cpu {c.get('cpu_ms')} ms  rss {c.get('max_rss_kb')} KiB")
+        where = f"{c.get('board') or '-'}  " if boards else ""
+        print(f"{when}  {where}{c['request_id']}  v{c.get('version') or '-'}  {c['method']} {c['path']}  {c['status']} "
+              f"{c['outcome']}  {c['duration_ms']} ms  cpu {c.get('cpu_ms')} ms  rss {c.get('max_rss_kb')} KiB"
+              + (f"  [{c['trigger']}]" if boards and c.get("trigger") not in (None, "sync") else ""))
         if c.get("output"):
             for line in c["output"].rstrip("\n").splitlines():
                 print(f"    | {line}")
@@ -293,11 +296,50 @@ def parse_since(value: str, now: float | None = None) -> float:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    name = urllib.parse.quote(args.name)
-    if args.all_boards:  # several boards: every board's calls, labelled (docs/cluster.md)
-        from cli.queue_cmds import print_board_calls
+    """Every board's calls (GET /admin/calls; one board: its own), or with --this-board the answering board's
+    alone (GET /admin/functions/NAME/calls, as fnbox 0.2 did)."""
+    if args.this_board:
+        return _logs_this_board(args)
+    query = {"function": args.name, "limit": args.n}
+    if args.errors:
+        query["errors"] = "1"
+    if args.since:
+        query["since"] = repr(parse_since(args.since))
+    if args.board:
+        query["board"] = args.board
+    doc = _api(args, "GET", "/admin/calls?" + urllib.parse.urlencode(query))
+    # Lines say their board when there is more than one to tell apart (or one was asked for).
+    labelled = bool(args.board) or len(doc.get("boards", [])) + len(doc.get("unreachable", [])) > 1
+    calls = list(reversed(doc["calls"]))
+    _print_calls(calls, labelled)
+    _unreachable(doc)
+    if not calls and not args.follow:
+        print(f"(no {'failed ' if args.errors else ''}calls of {args.name}"
+              f"{' on board ' + args.board if args.board else ''}"
+              f"{' since ' + args.since if args.since else ''} in the history)", file=sys.stderr)
+    seen = {(c.get("board"), c["id"]) for c in calls}
+    query["limit"] = 1000
+    while args.follow:
+        time.sleep(1.0)
+        doc = _api(args, "GET", "/admin/calls?" + urllib.parse.urlencode(query))
+        rows = list(reversed(doc["calls"]))
+        _print_calls([c for c in rows if (c.get("board"), c["id"]) not in seen], labelled)
+        # Only the rows of the last answer can come again: older ones are pushed out by newer calls.
+        seen = {(c.get("board"), c["id"]) for c in rows}
+        sys.stdout.flush()
+    return 0
 
-        return print_board_calls(args, _api(args, "GET", f"/admin/cluster/calls?function={name}&limit={args.n}"))
+
+def _unreachable(doc: dict[str, Any]) -> None:
+    for u in doc.get("unreachable", []):
+        print(f"fnbox: board {u['board']} ({u['url']}) did not answer, its calls are not shown: {u['error']}",
+              file=sys.stderr)
+    if doc.get("registry_error"):
+        print(f"fnbox: only board {doc.get('board')}'s calls are shown: {doc['registry_error']}", file=sys.stderr)
+
+
+def _logs_this_board(args: argparse.Namespace) -> int:
+    name = urllib.parse.quote(args.name)
     query = {"errors": "1"} if args.errors else {}
     if args.since:
         query["since"] = repr(parse_since(args.since))
@@ -538,14 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--include", action="store_true", help="print the status and headers")
     _request_options(p)
     p.set_defaults(fn=cmd_invoke)
-    p = _remote(sub, "logs", help="a function's recent calls, with their output and errors")
+    p = _remote(sub, "logs", help="a function's recent calls, with their output and errors (of every board)",
+                description="A function's recent calls, oldest first, with their output and errors. On several "
+                            "boards (FNBOX_REDIS_URL) the calls of every board, each line with its board; "
+                            "--board NAME or --this-board narrows that to one.")
     p.add_argument("name", help="the function's name")
     p.add_argument("-n", type=int, default=20, metavar="N", help="how many of the newest calls (default 20)")
     p.add_argument("--errors", action="store_true", help="only calls that did not end ok")
     p.add_argument("--since", metavar="WHEN", help="only calls since a duration ago (30s, 10m, 2h, 1d) or a local "
                                                    "time (2026-12-03T08:00)")
     p.add_argument("--follow", action="store_true", help="keep printing new calls (Ctrl-C stops)")
-    p.add_argument("--all-boards", action="store_true", help="the calls of every board (several boards)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--board", metavar="NAME", help="several boards: only the calls of board NAME (its FNBOX_BOARD)")
+    g.add_argument("--this-board", action="store_true",
+                   help="several boards: only the calls of the board that answers (--url)")
+    g.add_argument("--all-boards", action="store_true", help=argparse.SUPPRESS)  # the default since 0.3
     p.set_defaults(fn=cmd_logs)
     p = _remote(sub, "deps", help="the functions' packages: show them, or install a requirements.txt",
                 description="`fnbox deps install requirements.txt` deploys it to the server's functions folder and "

@@ -37,19 +37,6 @@ def cmd_calls(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_board_calls(args: argparse.Namespace, doc: dict[str, Any]) -> int:
-    from cli.main import _table
-
-    rows: list[list[Any]] = [["TIME", "BOARD", "REQUEST_ID", "TRIGGER", "METHOD", "PATH", "STATUS", "OUTCOME", "MS"]]
-    for c in reversed(doc["calls"]):
-        rows.append([_when(c["time"]), c["board"], c["request_id"], c.get("trigger"), c["method"], c["path"],
-                     c["status"], c["outcome"], c["duration_ms"]])
-    print(_table(rows))
-    for u in doc.get("unreachable", []):
-        print(f"fnbox: board {u['board']} ({u['url']}) did not answer: {u['error']}", file=sys.stderr)
-    return 0
-
-
 def cmd_schedules(args: argparse.Namespace) -> int:
     from cli.main import _api, _table
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from gateway import openapi
+from gateway import board_calls, openapi
 from gateway.deploy import MAX_NAME, DeployError, valid_name
 from gateway.errors import GatewayError, error_response
 from gateway.routes import function_exists
@@ -156,17 +156,41 @@ def calls(name: str) -> Response:
     rt = _rt()
     rt.history.flush(1.0)
     rows = rt.history.calls(name, int(raw), request.args.get("outcome"), errors in ("1", "true"), since)
-    if not rows and not (function_exists(rt.settings.functions_dir, name) or rt.store.versions(name)
-                         or rt.history.known(name)):
-        raise GatewayError("not_found", f"no function named {name!r} (and no call of one in the history)")
+    if not rows:
+        _known_function(name)
     return jsonify({"function": name, "calls": rows})
+
+
+def _known_function(name: str) -> None:
+    """A name with no calls listed: a 404 unless it is a function, or was one (versions, history)."""
+    rt = _rt()
+    if not (function_exists(rt.settings.functions_dir, name) or rt.store.versions(name) or rt.history.known(name)):
+        raise GatewayError("not_found", f"no function named {name!r} (and no call of one in the history)")
+
+
+@bp.get("/calls")
+def every_board_calls() -> Response:
+    return jsonify(every_board_doc())
+
+
+def every_board_doc() -> dict[str, Any]:
+    """The recent calls of every board (several boards: docs/cluster.md), newest first, each labelled with its
+    `board`; boards that did not answer in time are named in `unreachable`. A board asked by another board
+    (FANOUT_HEADER) answers with its own calls only."""
+    q = board_calls.CallQuery.from_args(request.args)
+    fanout = board_calls.FANOUT_HEADER not in request.headers
+    if q.filter.function:
+        g.function = q.filter.function
+    doc = board_calls.listing(q, fanout)
+    if fanout and q.filter.function and not doc["calls"] and not doc["unreachable"]:
+        _known_function(q.filter.function)
+    return doc
 
 
 @bp.get("/calls/<request_id>")
 def call(request_id: str) -> Response:
-    rt = _rt()
-    rt.history.flush(1.0)
-    rec = rt.history.call(request_id)
+    """This board's record of one call (with its request's redacted headers when the console kept them)."""
+    rec = board_calls.local_record(request_id)
     if rec is None:
         raise GatewayError("not_found", f"no call with request id {request_id!r}")
     return jsonify(rec)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -149,35 +148,12 @@ def requeue(call_id: str) -> Response:
 
 @admin_bp.get("/cluster/calls")
 def cluster_calls() -> Response:
-    """A function's recent calls (the history: sync, async and schedule) on every board, each labelled with its
-    board, newest first. With one board: this board's. Boards that do not answer are listed in `unreachable`."""
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    """Kept for `fnbox logs --all-boards` of 0.2 and scripts: GET /admin/calls with `function` required."""
+    from gateway import admin
 
-    name, raw = request.args.get("function", ""), request.args.get("limit", "50")
-    if not name.isidentifier():
+    if not request.args.get("function", "").isidentifier():
         raise GatewayError("bad_request", "function must name a function")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise GatewayError("bad_request", "limit must be an integer from 1 to 1000")
-    rt, jobs = current_app.extensions["fnbox"], _jobs()
-    rt.history.flush(1.0)
-    rows = [dict(r, board=jobs.settings.board) for r in rt.history.calls(name, int(raw))]
-    unreachable = []
-    registry = current_app.extensions.get("fnbox_boards")
-    for board, url in (registry.boards() if registry else {}).items():
-        if board == jobs.settings.board:
-            continue
-        req = urllib.request.Request(f"{url}/admin/functions/{urllib.parse.quote(name)}/calls?limit={raw}",
-                                     headers={"Authorization": request.headers.get("Authorization", "")})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                rows += [dict(c, board=board) for c in json.load(r)["calls"]]
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
-            unreachable.append({"board": board, "url": url, "error": str(e)[:200]})
-    rows.sort(key=lambda c: c.get("time") or 0, reverse=True)
-    return jsonify({"function": name, "calls": rows[: int(raw)], "unreachable": unreachable})
+    return jsonify({"function": request.args["function"], **admin.every_board_doc()})
 
 
 @admin_bp.get("/schedules")
@@ -225,8 +201,7 @@ def _deploy_channel(app: Flask, rt: Any, js: JobSettings, start: bool) -> None:
     from jobs.deploys import DeployChannel
 
     channel = DeployChannel(js.redis_url or "", rt.store, rt.settings.data_dir, js.board)
-    advertised = os.environ.get("FNBOX_BOARD_URL") or f"http://{os.environ.get('FNBOX_BIND', '127.0.0.1:8000')}"
-    registry = app.extensions["fnbox_boards"] = BoardRegistry(js.redis_url or "", js.board, advertised)
+    registry = app.extensions["fnbox_boards"] = BoardRegistry(js.redis_url or "", js.board, js.board_url)
     if start:
         channel.start()
         registry.start()

@@ -151,12 +151,49 @@ def document() -> dict[str, Any]:
                 "responses": {"200": _ok("queued again", {"type": "object", "additionalProperties": True}),
                               "404": _error("`not_found`"), "409": _error("`not_failed`: only failed calls"),
                               **AUTH_ERRORS}}},
+            "/admin/calls": {"get": {
+                "tags": ["admin"], "operationId": "every_board_calls",
+                "parameters": [
+                    {"name": "function", "in": "query", "schema": {"type": "string"},
+                     "description": "only this function's calls (a name neither a function nor in any history: "
+                                    "404)"},
+                    {"name": "outcome", "in": "query", "schema": {"type": "string"}, "description": "only this one"},
+                    {"name": "errors", "in": "query", "schema": {"enum": ["0", "1"]},
+                     "description": "1: only calls that did not end ok"},
+                    {"name": "status", "in": "query", "schema": {"type": "integer", "minimum": 100, "maximum": 599}},
+                    {"name": "since", "in": "query", "schema": {"type": "number"},
+                     "description": "only calls since this unix time"},
+                    {"name": "until", "in": "query", "schema": {"type": "number"},
+                     "description": "only calls before this unix time (the next page: the last row's time)"},
+                    {"name": "board", "in": "query", "schema": {"type": "string"},
+                     "description": "only this board's calls (its FNBOX_BOARD); 404 `not_found` for a board "
+                                    "that is not registered"},
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                     "description": "with `board`: that board's calls after this row id, oldest first (a tail)"},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                                "default": 50}}],
+                "summary": "The newest calls of every board (several boards: FNBOX_REDIS_URL; one board: its own), "
+                           "newest first, each labelled with its `board`. A board that does not answer within "
+                           "FNBOX_BOARD_TIMEOUT_S is left out and named in `unreachable`",
+                "responses": {"200": _ok("the calls", {"type": "object", "properties": {
+                    "board": {"type": "string", "description": "the board that answered"},
+                    "boards": {"type": "array", "items": {"type": "string"},
+                               "description": "the boards whose calls are listed"},
+                    "unreachable": {"type": "array", "items": {"type": "object", "properties": {
+                        "board": {"type": "string"}, "url": {"type": "string"}, "error": {"type": "string"}}}},
+                    "registry_error": {"type": "string", "description": "the board registry (Redis) could not "
+                                                                       "be read: this board's calls only"},
+                    "calls": {"type": "array", "items": {"allOf": [
+                        {"$ref": "#/components/schemas/Call"},
+                        {"type": "object", "properties": {"board": {"type": "string"}}}]}}}}),
+                    "404": _error("`not_found`: no such function or board"),
+                    "503": _error("`unavailable`: the history database cannot be read"), **AUTH_ERRORS}}},
             "/admin/cluster/calls": {"get": {
-                "tags": ["admin", "async"], "operationId": "cluster_calls",
+                "tags": ["admin", "async"], "operationId": "cluster_calls", "deprecated": True,
                 "parameters": [{"name": "function", "in": "query", "required": True, "schema": {"type": "string"}},
                                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                                            "maximum": 1000, "default": 50}}],
-                "summary": "A function's recent calls on every board (FNBOX_REDIS_URL), each labelled with its board",
+                "summary": "GET /admin/calls with `function` required (kept for fnbox 0.2's `logs --all-boards`)",
                 "responses": {"200": _ok("the calls", {"type": "object", "additionalProperties": True}),
                               "400": _error("`bad_request`"), **AUTH_ERRORS}}},
             "/admin/schedules": {"get": {
@@ -233,7 +270,8 @@ def document() -> dict[str, Any]:
                 "tags": ["admin"], "operationId": "call",
                 "parameters": [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"},
                                 "description": "the call's X-Request-Id"}],
-                "summary": "One call's record",
+                "summary": "One call's record on this board, with `request` (its headers, credentials redacted) "
+                           "when the web console kept them",
                 "responses": {"200": _ok("the call", "Call"), "404": _error("`not_found`"), **AUTH_ERRORS}}},
             "/admin/deps": {
                 "get": {"tags": ["admin"], "operationId": "deps",

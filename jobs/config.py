@@ -41,6 +41,8 @@ class JobSettings:
     callback_retries: int
     schedules: bool  # whether this process fires schedule ticks
     schedule_late_s: float | None  # a tick noticed later than this is missed (None: its period, in 5..60 s)
+    board_url: str = "http://127.0.0.1:8000"  # where other boards reach this one's admin API (FNBOX_BOARD_URL)
+    board_timeout_s: float = 3.0  # how long a listing of every board's calls waits for one board
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> JobSettings:
@@ -55,8 +57,15 @@ class JobSettings:
         board = env.get("FNBOX_BOARD") or socket.gethostname()
         if not board.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(board) > 64:
             raise ConfigError(f"FNBOX_BOARD={board!r}: letters, digits, '-', '_' and '.' only, at most 64")
+        board_url = (env.get("FNBOX_BOARD_URL") or f"http://{env.get('FNBOX_BIND') or '127.0.0.1:8000'}").rstrip("/")
+        u = urllib.parse.urlsplit(board_url)
+        if u.scheme not in ("http", "https") or not u.hostname or u.username or u.query or u.fragment:
+            raise ConfigError(f"FNBOX_BOARD_URL={board_url!r}: must be http(s)://host:port, where the other boards "
+                              "reach this board's Gunicorn")
         return cls(
             board=board,
+            board_url=board_url,
+            board_timeout_s=_num(env, "FNBOX_BOARD_TIMEOUT_S", 3.0, 0.1),
             redis_url=redis_url,
             queue_max=int(_num(env, "FNBOX_QUEUE_MAX", 10_000, 1)),
             concurrency=int(_num(env, "FNBOX_ASYNC_CONCURRENCY", 2, 0)),

@@ -517,3 +517,51 @@ def test_listing_shows_versions_limits_and_call_counts(server):
     assert h["version"] is None and h["deployed_at"] is None
     assert h["limits"]["profile"] == "default" and h["limits"]["timeout_s"] == 10
     assert json.dumps(doc)  # plain JSON all the way down
+
+
+def test_every_board_calls_on_one_board_are_its_own_labelled_and_filtered(server):
+    """GET /admin/calls without Redis: this board's calls, newest first, each labelled with this board."""
+    import socket
+
+    src = """
+        def main(request):
+            if request.args.get('fail'):
+                raise ValueError('asked to fail')
+            return 'listed ok'
+    """
+    assert deploy(server, "listed", src).status_code == 201
+    t0 = time.time()
+    rids = [server.get("/function/listed" + ("?fail=1" if i == 1 else "")).headers["X-Request-Id"] for i in range(3)]
+    assert server.get("/function/hello").status_code == 200
+    doc = admin(server, "GET", "/calls?function=listed").json()
+    board = socket.gethostname()  # FNBOX_BOARD's default
+    assert doc["board"] == board and doc["boards"] == [board] and doc["unreachable"] == []
+    assert [c["request_id"] for c in doc["calls"]] == rids[::-1]
+    assert {c["board"] for c in doc["calls"]} == {board}
+    assert [c["outcome"] for c in doc["calls"]] == ["ok", "function_error", "ok"]
+    assert "asked to fail" in doc["calls"][1]["message"]
+    # Every function without `function`; the filters of the per-function listing, and a few more.
+    every = admin(server, "GET", "/calls?limit=1000").json()["calls"]
+    assert {"listed", "hello"} <= {c["function"] for c in every}
+    assert [c["request_id"] for c in admin(server, "GET", "/calls?function=listed&errors=1").json()["calls"]] == \
+        [rids[1]]
+    assert len(admin(server, "GET", "/calls?function=listed&outcome=ok").json()["calls"]) == 2
+    assert len(admin(server, "GET", "/calls?function=listed&status=500").json()["calls"]) == 1
+    assert admin(server, "GET", f"/calls?function=listed&since={time.time() + 60}").json()["calls"] == []
+    assert len(admin(server, "GET", f"/calls?function=listed&since={t0 - 1}&limit=2").json()["calls"]) == 2
+    page = admin(server, "GET", f"/calls?function=listed&until={doc['calls'][0]['time']!r}").json()["calls"]
+    assert [c["request_id"] for c in page] == rids[1::-1]
+    assert admin(server, "GET", f"/calls?function=listed&board={board}").json()["calls"] == doc["calls"]
+    tail = admin(server, "GET", f"/calls?function=listed&board={board}&after={doc['calls'][-1]['id']}").json()
+    assert [c["request_id"] for c in tail["calls"]] == rids[1:]  # a tail: after that row, oldest first
+    # The old endpoint is the same listing, for one function.
+    old = admin(server, "GET", "/cluster/calls?function=listed").json()
+    assert old["function"] == "listed" and old["calls"] == doc["calls"] and old["unreachable"] == []
+    assert_error(admin(server, "GET", "/cluster/calls"), 400, "bad_request")
+    for bad in ("limit=0", "limit=x", "errors=maybe", "since=yesterday", "until=x", "status=99", "board=a%20b",
+                "function=no-such", "after=3", f"after=x&board={board}"):
+        assert_error(admin(server, "GET", f"/calls?{bad}"), 400, "bad_request")
+    assert "no board named 'elsewhere'" in assert_error(admin(server, "GET", "/calls?board=elsewhere"), 404,
+                                                         "not_found")["message"]
+    assert_error(admin(server, "GET", "/calls?function=nosuchfunction"), 404, "not_found")
+    assert_error(server.get("/admin/calls"), 401, "unauthorized")

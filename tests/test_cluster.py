@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 
@@ -17,7 +19,8 @@ import pytest
 import requests
 
 from tests.asynckit import board_uid_base, stop_keeping_state, wait_call, wait_for
-from tests.conftest import SHARED, Server
+from tests.conftest import REPO, SHARED, Server
+from tests.console_kit import sign_in
 from tests.rediskit import RedisServer
 from tests.test_async_callbacks import Receiver
 from tests.test_nginx import NGINX, Nginx
@@ -235,27 +238,193 @@ def test_a_deploy_or_rollback_on_one_board_is_served_by_every_board(cluster):
     wait_for(lambda: all(b.get("/function/fresh").status_code == 404 for b in cluster.boards), 10, "deleted")
 
 
-def test_history_of_every_board_in_one_place(cluster):
-    """`fnbox logs --all-boards` (GET /admin/cluster/calls): sync calls made on each board, labelled."""
-    import subprocess
+def fnbox_cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(REPO, ".venv", "bin", "fnbox"), "--url", url, *args],
+                          env=dict(os.environ, FNBOX_ADMIN_TOKEN=TOKEN), capture_output=True, text=True, timeout=60)
 
-    from tests.conftest import REPO
 
+def calls_on_each_board(cluster) -> tuple[dict[str, str], float]:
+    """A sync call of echo on each board, and a failing call (probe with port=x: a ValueError) on board 2:
+    request id -> board, and a time before them."""
+    t0 = time.time()
     rids = {}
     for b in cluster.boards:
         r = b.get("/function/echo")
         assert r.status_code == 200
         rids[r.headers["X-Request-Id"]] = b.env["FNBOX_BOARD"]
-    doc = cluster.boards[0].get("/admin/cluster/calls?function=echo&limit=1000", headers=AUTH).json()
+    r = cluster.boards[1].get("/function/probe?port=x")
+    assert r.status_code == 500 and r.json()["error"] == "function_error"
+    rids[r.headers["X-Request-Id"]] = "b2"
+    return rids, t0
+
+
+def rows_of(html: str) -> dict[str, str]:
+    """The console's calls table: request id -> the board of its row."""
+    out = {}
+    for m in re.finditer(r'<tr data-id="\d+" data-board="([^"]+)">(.*?)</tr>', html, re.S):
+        out[re.search(r'/console/calls/([^"?]+)', m.group(2)).group(1)] = m.group(1)
+    return out
+
+
+def test_every_boards_calls_in_one_place_api_cli_and_console(cluster):
+    """GET /admin/calls, `fnbox logs` and the console of any board list the calls of every board, labelled."""
+    rids, t0 = calls_on_each_board(cluster)
+    echo = dict(list(rids.items())[:3])
+    failing = list(rids)[3]
+    doc = cluster.boards[0].get("/admin/calls?function=echo&limit=1000", headers=AUTH).json()
+    assert doc["board"] == "b1" and doc["boards"] == ["b1", "b2", "b3"] and doc["unreachable"] == []
     seen = {c["request_id"]: c["board"] for c in doc["calls"] if c["request_id"] in rids}
-    assert seen == rids and doc["unreachable"] == []
-    out = subprocess.run([os.path.join(REPO, ".venv", "bin", "fnbox"), "--url", cluster.boards[1].url, "logs", "echo",
-                          "--all-boards", "-n", "1000"], env=dict(os.environ, FNBOX_ADMIN_TOKEN=TOKEN),
-                         capture_output=True, text=True, timeout=30)
+    assert seen == echo
+    times = [c["time"] for c in doc["calls"]]
+    assert times == sorted(times, reverse=True)  # newest first across boards
+    # The filters work across boards: each board applies them, the rows are merged.
+    every = cluster.boards[2].get(f"/admin/calls?since={t0!r}&limit=1000", headers=AUTH).json()["calls"]
+    assert {c["request_id"]: c["board"] for c in every if c["function"] in ("echo", "probe")} == rids
+    errs = cluster.boards[0].get(f"/admin/calls?errors=1&since={t0!r}", headers=AUTH).json()["calls"]
+    assert [(c["request_id"], c["board"], c["outcome"]) for c in errs if c["function"] != "tick"] == \
+        [(failing, "b2", "function_error")]
+    only3 = cluster.boards[0].get("/admin/calls?function=echo&board=b3&limit=1000", headers=AUTH).json()
+    assert {c["board"] for c in only3["calls"]} == {"b3"} and only3["boards"] == ["b3"]
+    assert {c["request_id"] for c in only3["calls"]} & set(rids) == {r for r, b in echo.items() if b == "b3"}
+    newest = cluster.boards[0].get(f"/admin/calls?function=echo&since={t0!r}&limit=2", headers=AUTH).json()["calls"]
+    assert [c["request_id"] for c in newest] == list(echo)[:0:-1]  # boards 3 and 2: the two newest
+    old = cluster.boards[0].get("/admin/cluster/calls?function=echo&limit=1000", headers=AUTH).json()
+    assert {c["request_id"]: c["board"] for c in old["calls"] if c["request_id"] in rids} == echo
+
+    # fnbox logs: every board by default, each line with its board; --board narrows, --this-board is (--url)'s.
+    out = fnbox_cli(cluster.boards[1].url, "logs", "echo", "-n", "1000")
     assert out.returncode == 0, out.stderr
-    for rid, board in rids.items():
+    for rid, board in echo.items():
         line = next(line for line in out.stdout.splitlines() if rid in line)
-        assert f" {board} " in line and " sync " in line
+        assert re.match(rf"^\S+ \S+  {board}  {rid}  ", line), line
+    out = fnbox_cli(cluster.boards[1].url, "logs", "probe", "--errors", "--since", "5m")
+    assert out.returncode == 0 and failing in out.stdout and "  b2  " in out.stdout, out
+    out = fnbox_cli(cluster.boards[1].url, "logs", "echo", "-n", "1000", "--board", "b3")
+    assert [r for r in echo if r in out.stdout] == [r for r, b in echo.items() if b == "b3"], out.stdout
+    out = fnbox_cli(cluster.boards[1].url, "logs", "echo", "-n", "1000", "--this-board")
+    assert [r for r in echo if r in out.stdout] == [r for r, b in echo.items() if b == "b2"], out.stdout
+    assert "  b2  " not in out.stdout  # one board's lines, as before
+    out = fnbox_cli(cluster.boards[1].url, "logs", "echo", "-n", "1000", "--all-boards")  # accepted, the default
+    assert out.returncode == 0 and all(r in out.stdout for r in echo), out
+
+    # The console of board 1: its calls page, a board filter, and a call of board 3 opened from there.
+    sess, _ = sign_in(cluster.boards[0], TOKEN)
+    page = sess.get(cluster.boards[0].url + "/console/calls?function=echo", timeout=30)
+    assert page.status_code == 200
+    shown = rows_of(page.text)
+    assert {r: shown.get(r) for r in echo} == echo
+    assert '<select name="board">' in page.text and "did not answer" not in page.text
+    page = sess.get(cluster.boards[0].url + "/console/calls?board=b2", timeout=30).text
+    assert set(rows_of(page).values()) == {"b2"} and failing in rows_of(page)
+    page = sess.get(cluster.boards[0].url + "/console/calls?outcome=function_error&range=15m", timeout=30).text
+    assert rows_of(page) == {failing: "b2"}
+    rid3 = next(r for r, b in echo.items() if b == "b3")
+    assert f"/console/calls/{rid3}?board=b3" in sess.get(cluster.boards[0].url + "/console/calls", timeout=30).text
+    for path in (f"/console/calls/{rid3}?board=b3", f"/console/calls/{rid3}"):
+        detail = sess.get(cluster.boards[0].url + path, timeout=30)
+        assert detail.status_code == 200, detail.text
+        assert 'id="call-board">b3<' in detail.text and 'id="elsewhere"' in detail.text
+        assert "GET /function/echo" in detail.text
+    detail = sess.get(cluster.boards[0].url + f"/console/calls/{failing}?board=b2", timeout=30).text
+    assert "ValueError" in detail and 'id="call-board">b2<' in detail
+    assert sess.get(cluster.boards[0].url + f"/console/calls/{rid3}?board=b2", timeout=30).status_code == 404
+    assert sess.get(cluster.boards[0].url + f"/console/calls/{rid3}?board=nosuch", timeout=30).status_code == 404
+    fn = sess.get(cluster.boards[0].url + "/console/functions/echo", timeout=30).text
+    assert all(r in fn for r in echo)  # the function page's recent calls, of every board
+
+    # The live tail of board 1 shows new calls of every board, each with its board.
+    with sess.get(cluster.boards[0].url + "/console/api/calls/stream?function=echo", stream=True, timeout=15) as resp:
+        lines = resp.iter_lines(decode_unicode=True)
+        assert next(lines).startswith("retry:")  # the stream is open: calls from now on are sent
+        made = {b.get("/function/echo").headers["X-Request-Id"]: b.env["FNBOX_BOARD"] for b in cluster.boards[::-1]}
+        got: dict[str, str] = {}
+        deadline = time.monotonic() + 10
+        for line in lines:
+            if line.startswith("data:"):
+                c = json.loads(line[5:])
+                got[c["request_id"]] = c["board"]
+            if set(made) <= set(got) or time.monotonic() > deadline:
+                break
+    assert {r: got.get(r) for r in made} == made
+
+
+def test_a_board_that_does_not_answer_is_named_and_the_others_listed(cluster):
+    """A dead board (connection refused), a board that never answers and one that redirects: each is skipped and
+    named in `unreachable`; the listing of the others still comes (never a 500, never a followed redirect)."""
+    rids, _ = calls_on_each_board(cluster)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (the kernel does), never answers
+    mover = Redirector()
+    r = cluster.redis.client()
+    now = time.time()
+    r.hset("fnbox:boards", mapping={
+        "ghost": json.dumps({"url": f"http://127.0.0.1:{silent.getsockname()[1]}", "seen": now}),
+        "mover": json.dumps({"url": f"http://127.0.0.1:{mover.port}", "seen": now})})
+    victim = cluster.boards[2]
+    stop_keeping_state(victim, hard=True)
+    try:
+        doc = cluster.boards[0].get("/admin/calls?function=echo&limit=1000", headers=AUTH).json()
+        down = {u["board"]: u["error"] for u in doc["unreachable"]}
+        assert set(down) == {"b3", "ghost", "mover"}, down
+        assert "no answer within" in down["ghost"] and "HTTP 302" in down["mover"], down
+        assert doc["boards"] == ["b1", "b2"]
+        seen = {c["request_id"]: c["board"] for c in doc["calls"] if c["request_id"] in rids}
+        assert seen == {rid: b for rid, b in list(rids.items())[:2]}
+        assert mover.followed == 0 and mover.asked >= 1
+        out = fnbox_cli(cluster.boards[0].url, "logs", "echo", "-n", "1000")
+        assert out.returncode == 0 and "board b3 " in out.stderr and "did not answer" in out.stderr, out
+        assert all(rid in out.stdout for rid in list(rids)[:2])
+        sess, _ = sign_in(cluster.boards[0], TOKEN)
+        page = sess.get(cluster.boards[0].url + "/console/calls?function=echo", timeout=30).text
+        assert 'id="unreachable-b3"' in page and 'id="unreachable-ghost"' in page
+        assert {r: b for r, b in rows_of(page).items() if r in rids} == {rid: b for rid, b in list(rids.items())[:2]}
+        detail = sess.get(cluster.boards[0].url + f"/console/calls/{list(rids)[2]}?board=b3", timeout=30)
+        assert detail.status_code == 503 and "does not answer" in detail.text
+    finally:
+        r.hdel("fnbox:boards", "ghost", "mover")
+        silent.close()
+        mover.close()
+        victim.start()
+
+
+class Redirector:
+    """An HTTP server on 127.0.0.1 answering a 302 to its own /followed, which would answer an empty listing:
+    `followed` counts the requests that did follow it."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        outer = self
+        self.asked = self.followed = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.startswith("/followed"):
+                    outer.followed += 1
+                    body = b'{"calls": []}'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                else:
+                    outer.asked += 1
+                    body = b""
+                    self.send_response(302)
+                    self.send_header("Location", f"http://127.0.0.1:{outer.port}/followed")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.mark.timeout(120)

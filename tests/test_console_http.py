@@ -4,6 +4,7 @@ limits, the playground's roles, caps and errors, the live tail's event stream, c
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 import uuid
@@ -232,7 +233,12 @@ def test_calls_filters_and_pages_newest_first(make_server):
     ids = [int(x) for x in re.findall(r'<tr data-id="(\d+)"', page)]
     assert len(ids) == 50 and ids == sorted(ids, reverse=True)
     assert "failing" in page.split("<tbody>")[1].split("</tr>")[0]  # the newest call first
-    older = re.search(r'href="([^"]*before=\d+[^"]*)"', page).group(1).replace("&amp;", "&")
+    # One board (no Redis): its own calls, each labelled with it, no board column or filter to choose from.
+    board = socket.gethostname()
+    assert set(re.findall(r'<tr data-id="\d+" data-board="([^"]*)"', page)) == {board}
+    assert '<select name="board">' not in page and "<th>Board</th>" not in page
+    # Pages go back in time: `until` is the last row's time.
+    older = re.search(r'href="([^"]*until=[0-9.]+[^"]*)"', page).group(1).replace("&amp;", "&")
     page2 = sess.get(s.url + older, timeout=30).text
     ids2 = [int(x) for x in re.findall(r'<tr data-id="(\d+)"', page2)]
     assert len(ids2) == 4 and max(ids2) < min(ids)
@@ -243,6 +249,13 @@ def test_calls_filters_and_pages_newest_first(make_server):
                                                       timeout=30).text)) == 1
     r = sess.get(s.url + "/console/calls?status=abc", timeout=30)
     assert r.status_code == 400 and "status must be" in r.text
+    r = sess.get(s.url + "/console/calls?until=yesterday", timeout=30)
+    assert r.status_code == 400 and "until must be" in r.text
+    r = sess.get(s.url + "/console/calls?board=elsewhere", timeout=30)
+    assert r.status_code == 404 and "no board named" in r.text
+    rid = re.search(r'href="/console/calls/([^"?]+)"', page).group(1)
+    detail = sess.get(s.url + f"/console/calls/{rid}", timeout=30).text
+    assert f'id="call-board">{board}<' in detail and 'id="elsewhere"' not in detail
 
 
 def test_live_tail_streams_new_calls(server):

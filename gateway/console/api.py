@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Response, current_app, jsonify, redirect, request, stream_with_context, url_for
 
+from gateway import board_calls
 from gateway.console import playground as play
 from gateway.console.blueprint import bp, client, rt, state
 from gateway.console.errors import ConsoleError
@@ -21,6 +22,7 @@ from runner import outcomes
 
 STREAM_S = 25.0  # one SSE response lasts this long; the browser reconnects at once (Last-Event-ID)
 STREAMS_PER_WORKER = 4  # each open stream holds a request thread
+REMOTE_EVERY_S = 1.0  # several boards: how often the tail asks the other boards (an HTTP request each)
 _streams = threading.BoundedSemaphore(STREAMS_PER_WORKER)
 MAX_BODY = 1024 * 1024
 
@@ -139,7 +141,44 @@ def playground_save() -> tuple[Response, int]:
 
 def call_summary(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("id", "time", "request_id", "function", "version", "method", "path", "status",
-                                  "outcome", "duration_ms", "cpu_ms", "max_rss_kb", "trigger")}
+                                  "outcome", "duration_ms", "cpu_ms", "max_rss_kb", "trigger", "board")}
+
+
+def _cursors(raw: str, me: str) -> dict[str, int]:
+    """The tail's position: `12` (this board's row id, one board) or `b1:12,b2:40` (several boards)."""
+    if raw.isdigit():
+        return {me: int(raw)}
+    out = {}
+    for part in raw.split(","):
+        name, _, n = part.rpartition(":")
+        if name and n.isdigit():
+            out[name] = int(n)
+    return out
+
+
+def _event_id(cursors: dict[str, int], me: str) -> str:
+    return str(cursors[me]) if list(cursors) == [me] else ",".join(f"{n}:{i}" for n, i in sorted(cursors.items()))
+
+
+def _remote_tail(b: board_calls.Boards, f: CallFilter, cursors: dict[str, int]) -> list[dict[str, Any]]:
+    """New calls of the other boards since their cursors (which are moved on); a board that does not answer
+    within a second is asked again next time. A board without a cursor yet gets one: its newest row now."""
+    def url(name: str) -> str:
+        if name in cursors:
+            return f"{b.others[name]}/admin/calls?{board_calls.CallQuery(f, 100, name, cursors[name]).params(name)}"
+        return f"{b.others[name]}/admin/calls?" + urllib.parse.urlencode({"board": name, "limit": 1})
+
+    answers, _ = board_calls.fan_out({n: url(n) for n in b.others}, 1.0)
+    rows = []
+    for name, doc in answers.items():
+        calls = [c for c in doc.get("calls", []) if isinstance(c, dict) and isinstance(c.get("id"), int)]
+        if name not in cursors:
+            cursors[name] = calls[0]["id"] if calls else 0
+            continue
+        for c in calls:
+            cursors[name] = max(cursors[name], c["id"])
+            rows.append(dict(c, board=name))
+    return rows
 
 
 @bp.get("/api/calls/stream")
@@ -153,21 +192,36 @@ def calls_stream() -> Response:
     f = CallFilter(function=request.args.get("function") or None, outcome=outcome,
                    status=int(status) if status else None)
     raw = request.headers.get("Last-Event-ID") or request.args.get("after") or ""
-    last = int(raw) if raw.isdigit() else st.reader.last_id()
+    b = board_calls.boards()
+    board = request.args.get("board") or None  # the page's board filter
+    local = board in (None, b.me)
+    b = board_calls.Boards(b.me, {n: u for n, u in b.others.items() if board in (None, n)})
+    cursors = {n: i for n, i in _cursors(raw, b.me).items() if n == b.me or n in b.others}
+    cursors.setdefault(b.me, st.reader.last_id())
     if not _streams.acquire(blocking=False):
         raise ConsoleError("busy", "too many live tails are open on this worker; close one")
+    if any(n not in cursors for n in b.others):
+        try:
+            _remote_tail(b, f, cursors)  # before the stream opens: the other boards' calls from now on are sent
+        except BaseException:
+            _streams.release()
+            raise
 
     def events():
-        nonlocal last
         try:
             yield "retry: 1000\n\n"
             end = time.monotonic() + STREAM_S
             quiet = time.monotonic()
+            remote_at = 0.0
             while time.monotonic() < end:
-                rows = st.reader.calls_after(f, last)
-                for r in rows:
-                    last = r["id"]
-                    yield f"id: {last}\nevent: call\ndata: {json.dumps(call_summary(r))}\n\n"
+                rows = [dict(r, board=b.me) for r in st.reader.calls_after(f, cursors[b.me])] if local else []
+                if rows:
+                    cursors[b.me] = rows[-1]["id"]
+                if b.others and time.monotonic() >= remote_at:  # other boards: over HTTP, less often
+                    rows += _remote_tail(b, f, cursors)
+                    remote_at = time.monotonic() + REMOTE_EVERY_S
+                for r in sorted(rows, key=lambda r: r.get("time") or 0):
+                    yield f"id: {_event_id(cursors, b.me)}\nevent: call\ndata: {json.dumps(call_summary(r))}\n\n"
                 if rows:
                     quiet = time.monotonic()
                 elif time.monotonic() - quiet > 5:  # under any proxy_read_timeout nginx is given

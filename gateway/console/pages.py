@@ -7,11 +7,13 @@ from typing import Any
 
 from flask import Response, abort, render_template, request
 
+from gateway import board_calls
 from gateway.console import charts, source
 from gateway.console.blueprint import bp, ctx, rt, state
 from gateway.console.errors import ConsoleError
 from gateway.console.queries import PAGE, CallFilter, buckets, percentile, window
 from gateway.deploy import valid_name
+from gateway.errors import GatewayError
 from runner import outcomes
 from runner.profiles import function_names
 
@@ -59,7 +61,7 @@ def functions() -> str:
 
 @bp.get("/functions/<name>")
 def function(name: str) -> str:
-    r, st = rt(), state()
+    r = rt()
     if not valid_name(name):
         abort(404)
     src, kind = source.live_source(r.settings.functions_dir, name)
@@ -74,14 +76,24 @@ def function(name: str) -> str:
         if old is None:
             raise ConsoleError("not_found", f"{name!r} has no version {raw}")
         diff = {"version": int(raw), "html": source.diff(old, src, f"version {raw}", "live")}
-    calls = st.reader.calls(CallFilter(function=name), limit=10)
+    listed = _every_board(CallFilter(function=name), 10)
     notice = {"deployed": "Deployed version {v}.", "rolledback": "Rolled back: version {v} is live."}.get(
         request.args.get("done", ""), "")
     v = request.args.get("v", "")
     return render_template("function.html", **ctx(
         page="functions", name=name, kind=kind, source=src, highlighted=source.highlight(src), versions=versions,
-        current=current, diff=diff, limits=masked_limits(name), calls=calls,
+        current=current, diff=diff, limits=masked_limits(name), calls=listed["calls"], listed=listed,
         notice=notice.format(v=v) if v.isdigit() else ""))
+
+
+def _every_board(f: CallFilter, limit: int, board: str | None = None) -> dict[str, Any]:
+    """Calls of every board (gateway/board_calls.py), with what the templates need to label them."""
+    try:
+        doc = board_calls.listing(board_calls.CallQuery(f, limit, board))
+    except GatewayError as e:
+        raise ConsoleError(e.code, e.message) from None
+    every = sorted({*doc["boards"], *(u["board"] for u in doc["unreachable"])})
+    return {**doc, "every": every, "cluster": len(every) > 1 or board is not None}
 
 
 def _filter() -> tuple[CallFilter, str]:
@@ -94,26 +106,33 @@ def _filter() -> tuple[CallFilter, str]:
     outcome = request.args.get("outcome") or None
     if outcome and outcome not in outcomes.ALL:
         raise ConsoleError("bad_request", f"unknown outcome {outcome!r}")
+    until_raw = request.args.get("until", "")
+    try:
+        until = float(until_raw) if until_raw else None
+    except ValueError:
+        raise ConsoleError("bad_request", "until must be a unix time") from None
     since = time.time() - RANGES[rng] if rng in RANGES else None
     return CallFilter(function=request.args.get("function") or None, outcome=outcome,
-                      status=int(status_raw) if status_raw else None, since=since), rng
+                      status=int(status_raw) if status_raw else None, since=since, until=until), rng
 
 
 @bp.get("/calls")
 def calls() -> str:
+    """Every board's calls, newest first (one board: its own). Pages go back in time (`until` = the time of the
+    last row shown), which is what rows of several boards have in common."""
     r, st = rt(), state()
     f, rng = _filter()
-    before = request.args.get("before", "")
-    if before and not before.isdigit():
-        raise ConsoleError("bad_request", "before must be a call id")
-    rows = st.reader.calls(f, int(before) if before else None, PAGE + 1)
+    board = request.args.get("board") or None
+    listed = _every_board(f, PAGE + 1, board)
+    rows = listed["calls"]
     more = len(rows) > PAGE
     rows = rows[:PAGE]
     names = sorted(set(function_names(r.settings.functions_dir)) | set(st.reader.functions()))
     return render_template("calls.html", **ctx(
-        page="calls", calls=rows, more=more, next_before=rows[-1]["id"] if rows else None, first_page=not before,
-        last_id=rows[0]["id"] if rows else st.reader.last_id(), f=f, rng=rng, ranges=[*RANGES, "all"],
-        names=names, outcome_names=sorted(outcomes.ALL - {outcomes.NOT_FOUND}), args=request.args))
+        page="calls", calls=rows, more=more, next_until=repr(rows[-1]["time"]) if rows else None,
+        first_page=f.until is None, last_id=st.reader.last_id(), f=f, rng=rng, ranges=[*RANGES, "all"],
+        names=names, outcome_names=sorted(outcomes.ALL - {outcomes.NOT_FOUND}), args=request.args, listed=listed,
+        board=board))
 
 
 REDACTED = "[redacted]"
@@ -121,17 +140,25 @@ REDACTED = "[redacted]"
 
 @bp.get("/calls/<request_id>")
 def call(request_id: str) -> str:
-    r, st = rt(), state()
-    r.history.flush(1.0)
-    row = st.reader.call(request_id)
-    if row is None:
-        raise ConsoleError("not_found", f"no call with request id {request_id!r}")
-    req = st.store.request(request_id)
+    """A call of this board, or of another one (?board=NAME, else every board is asked): its record is fetched
+    from that board's admin API, request headers included (redacted there when they were kept)."""
+    board = request.args.get("board") or None
+    try:
+        found = board_calls.find_call(request_id, board)
+    except board_calls.BoardUnreachable as e:
+        raise ConsoleError("unavailable", f"the call is on another board that does not answer now: {e}") from None
+    if found is None:
+        raise ConsoleError("not_found", f"no call with request id {request_id!r}"
+                                        + (f" on board {board!r}" if board else ""))
+    where, row = found
+    req = row.pop("request", None)
     # Error details are columns of newer history databases; older rows (and databases) simply have none.
     errors = {"error_type": row.get("error_type"), "error_message": row.get("error_message") or row.get("message"),
               "traceback": row.get("traceback")}
     errors = {k: v for k, v in errors.items() if v}
-    return render_template("call.html", **ctx(page="calls", c=row, req=req, errors=errors))
+    me = board_calls.boards().me
+    return render_template("call.html", **ctx(page="calls", c=row, req=req, errors=errors, board=where,
+                                              elsewhere=where != me, this_board=me))
 
 
 @bp.get("/metrics")

@@ -19,8 +19,9 @@ class CallFilter:
     function: str | None = None
     outcome: str | None = None
     status: int | None = None
-    since: float | None = None
-    until: float | None = None
+    since: float | None = None  # time >= since
+    until: float | None = None  # time < until: the cursor of the next page when several boards are merged
+    errors: bool = False  # only calls that did not end ok
 
     def where(self) -> tuple[str, list[Any]]:
         parts, args = [], []
@@ -28,6 +29,8 @@ class CallFilter:
             if val not in (None, ""):
                 parts.append(f"{col} = ?")
                 args.append(val)
+        if self.errors:
+            parts.append("outcome != 'ok'")
         if self.since is not None:
             parts.append("time >= ?")
             args.append(self.since)
@@ -56,13 +59,16 @@ class HistoryReader:
         finally:
             db.close()
 
-    def calls(self, f: CallFilter, before_id: int | None = None, limit: int = PAGE) -> list[dict[str, Any]]:
-        """Newest first; the next page is the rows before the last one's id (stable while new calls arrive)."""
+    def calls(self, f: CallFilter, before_id: int | None = None, limit: int = PAGE,
+              by_time: bool = False) -> list[dict[str, Any]]:
+        """Newest first; the next page is the rows before the last one's id (stable while new calls arrive).
+        by_time: in the order of their time, which is what rows of several boards are merged by."""
         where, args = f.where()
         if before_id is not None:
             where += " AND id < ?"
             args.append(before_id)
-        return self._rows(f"SELECT * FROM calls WHERE {where} ORDER BY id DESC LIMIT ?", [*args, limit])
+        order = "time DESC, id DESC" if by_time else "id DESC"
+        return self._rows(f"SELECT * FROM calls WHERE {where} ORDER BY {order} LIMIT ?", [*args, limit])
 
     def calls_after(self, f: CallFilter, after_id: int, limit: int = 100) -> list[dict[str, Any]]:
         """For the live tail: oldest first."""

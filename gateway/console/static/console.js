@@ -238,7 +238,9 @@ function setupLiveTail() {
   const addRow = (c) => {
     const tr = tpl.content.firstElementChild.cloneNode(true);
     const q = (k) => $(`[data-c="${k}"]`, tr);
-    q("link").href = "/console/calls/" + encodeURIComponent(c.request_id);
+    q("link").href = "/console/calls/" + encodeURIComponent(c.request_id) +
+      (c.board && c.board !== btn.dataset.board ? "?board=" + encodeURIComponent(c.board) : "");
+    const bc = q("board"); if (bc) bc.textContent = c.board || "";
     const t = q("time"); t.setAttribute("datetime", new Date(c.time * 1000).toISOString()); t.textContent = new Date(c.time * 1000).toLocaleString();
     q("fnlink").href = "/console/functions/" + encodeURIComponent(c.function); q("fnlink").textContent = c.function;
     q("version").textContent = c.version ? "v" + c.version : "";
@@ -246,7 +248,7 @@ function setupLiveTail() {
     q("status").textContent = c.status; q("status").classList.add("s" + Math.floor((c.status || 0) / 100));
     q("outcome").textContent = c.outcome; q("outcome").classList.add(outcomeClass(c.outcome));
     q("duration").textContent = fmtMs(c.duration_ms); q("cpu").textContent = fmtMs(c.cpu_ms); q("mem").textContent = fmtKib(c.max_rss_kb);
-    tr.dataset.id = c.id;
+    tr.dataset.id = c.id; tr.dataset.board = c.board || "";
     tbody.prepend(tr);
     const none = $("#no-calls"); if (none) none.hidden = true;
     while (tbody.rows.length > 200) tbody.deleteRow(-1);
@@ -259,7 +261,7 @@ function setupLiveTail() {
     btn.setAttribute("aria-pressed", "true"); $(".label", btn).textContent = "Live";
     status.hidden = false; status.textContent = "Connecting…";
     source.addEventListener("open", () => { status.textContent = "Live: new calls appear at the top."; });
-    source.addEventListener("call", (e) => { const c = JSON.parse(e.data); after = c.id; addRow(c); });
+    source.addEventListener("call", (e) => { const c = JSON.parse(e.data); after = e.lastEventId || c.id; addRow(c); });
     source.addEventListener("error", () => { status.textContent = "Reconnecting…"; });
   };
   btn.addEventListener("click", () => (source ? stop() : start()));
