@@ -123,6 +123,12 @@ class ConcurrencyLimiter:
                 if i != hint and table.try_claim(i):
                     return key, i
             if self._local_finishing.get(key, 0) <= 0 and not table.any_finishing(range(limit)):
+                # Nothing is ending now; but a call that was ending during the scan may have freed its place
+                # (release frees the place, then stops counting it as ending) between the scan and this check:
+                # its client's next request, sent after that call's answer, must not get a 503 for it.
+                for i in range(limit):
+                    if table.try_claim(i):
+                        return key, i
                 return None
             now = time.monotonic()
             if deadline is None:

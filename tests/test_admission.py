@@ -24,3 +24,25 @@ def test_a_place_freed_here_and_taken_by_another_worker_is_not_granted_twice(tmp
     third = b.admit("f", 2)  # the freed place is free for any worker
     for t in (taken_by_b, third):
         t.release()
+
+
+def test_a_place_freed_between_the_scan_and_the_ending_check_is_granted(tmp_path):
+    """A client's next request after an answer never gets 503 because that call released its place just
+    after the newcomer's scan and just before its "is any call ending?" check (the race the benchmark showed:
+    8 connections against max_concurrency = 8 saw an occasional 503)."""
+    a = ConcurrencyLimiter(str(tmp_path), max_calls=10)
+    b = ConcurrencyLimiter(str(tmp_path), max_calls=10)
+    ending = a.admit("f", 1)
+    ending.answered()
+    table = b._table("f")
+    check = table.any_finishing
+
+    def released_meanwhile(places: range) -> bool:
+        ending.release()  # the answered call's processes are gone now, between b's scan and this check
+        return check(places)
+
+    table.any_finishing = released_meanwhile
+    ticket = b.admit("f", 1)
+    with pytest.raises(Busy):
+        a.admit("f", 1)
+    ticket.release()
