@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -71,3 +72,20 @@ def log_line(server: Server, request_id: str) -> dict[str, Any]:
     found = log_lines(server, request_id)
     assert len(found) == 1, f"expected one call line for {request_id}, got {found}"
     return found[0]
+
+
+class LoopbackHTTP:
+    """A test's own HTTP server on a free 127.0.0.1 port, served by a thread of the test process; close() stops
+    it. Subclasses define their request handler and call serve(handler)."""
+
+    def serve(self, handler: type) -> None:
+        from http.server import ThreadingHTTPServer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -484,16 +484,20 @@ def test_delete_unknown_and_invalid(server):
     assert_error(admin(server, "DELETE", "/functions/_private"), 400, "invalid_name")
 
 
-# -- listing -------------------------------------------------------------------------------------------------
-@pytest.mark.timeout(30)
-def test_listing_shows_versions_limits_and_call_counts(server):
-    src = """
+def _fails_when_asked(answer: str) -> str:
+    """A function's source that answers `answer`, or raises ValueError when called with ?fail=1."""
+    return f"""
         def main(request):
             if request.args.get('fail'):
                 raise ValueError('asked to fail')
-            return 'limited ok'
+            return {answer!r}
     """
-    r = deploy(server, "limited", src)
+
+
+# -- listing -------------------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_listing_shows_versions_limits_and_call_counts(server):
+    r = deploy(server, "limited", _fails_when_asked("limited ok"))
     assert r.status_code == 201
     deployed = r.json()
     for _ in range(3):
@@ -523,13 +527,7 @@ def test_every_board_calls_on_one_board_are_its_own_labelled_and_filtered(server
     """GET /admin/calls without Redis: this board's calls, newest first, each labelled with this board."""
     import socket
 
-    src = """
-        def main(request):
-            if request.args.get('fail'):
-                raise ValueError('asked to fail')
-            return 'listed ok'
-    """
-    assert deploy(server, "listed", src).status_code == 201
+    assert deploy(server, "listed", _fails_when_asked("listed ok")).status_code == 201
     t0 = time.time()
     rids = [server.get("/function/listed" + ("?fail=1" if i == 1 else "")).headers["X-Request-Id"] for i in range(3)]
     assert server.get("/function/hello").status_code == 200

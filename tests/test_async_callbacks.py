@@ -4,14 +4,13 @@ refused off the allow-list, redirects not followed; the outcome is in the call's
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from tests.asynckit import enqueue, wait_call, wait_for
-from tests.helpers import assert_error
+from tests.helpers import LoopbackHTTP, assert_error
 
 HELLO = """
     def main(request):
@@ -19,7 +18,7 @@ HELLO = """
 """
 
 
-class Receiver:
+class Receiver(LoopbackHTTP):
     """An HTTP server in a thread of the test process: records every POST, answers from a script of statuses."""
 
     def __init__(self, statuses: list[int] | None = None, location: str | None = None) -> None:
@@ -41,14 +40,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import requests
 from tests.asynckit import board_uid_base, stop_keeping_state, wait_call, wait_for
 from tests.conftest import REPO, SHARED, Server
 from tests.console_kit import sign_in
+from tests.helpers import LoopbackHTTP
 from tests.rediskit import RedisServer
 from tests.test_async_callbacks import Receiver
 from tests.test_nginx import NGINX, Nginx
@@ -388,7 +389,7 @@ def test_a_board_that_does_not_answer_is_named_and_the_others_listed(cluster):
         victim.start()
 
 
-class Redirector:
+class Redirector(LoopbackHTTP):
     """An HTTP server on 127.0.0.1 answering a 302 to its own /followed, which would answer an empty listing:
     `followed` counts the requests that did follow it."""
 
@@ -417,14 +418,7 @@ class Redirector:
             def log_message(self, *a) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.mark.timeout(120)
