@@ -7,20 +7,7 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 
-from runner.config import ConfigError
-
-
-def _num(env: dict[str, str], key: str, default: float, minimum: float = 0) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r}: must be a number") from None
-    if value < minimum:
-        raise ConfigError(f"{key}={raw!r}: must be at least {minimum:g}")
-    return value
+from runner.config import ConfigError, env_float
 
 
 def _hostport(item: str) -> tuple[str, int]:
@@ -65,13 +52,13 @@ class JobSettings:
         return cls(
             board=board,
             board_url=board_url,
-            board_timeout_s=_num(env, "FNBOX_BOARD_TIMEOUT_S", 3.0, 0.1),
+            board_timeout_s=env_float(env, "FNBOX_BOARD_TIMEOUT_S", 3.0, 0.1),
             redis_url=redis_url,
-            queue_max=int(_num(env, "FNBOX_QUEUE_MAX", 10_000, 1)),
-            concurrency=int(_num(env, "FNBOX_ASYNC_CONCURRENCY", 2, 0)),
-            retention_s=_num(env, "FNBOX_CALLS_RETENTION_S", 7 * 86400, 1),
+            queue_max=int(env_float(env, "FNBOX_QUEUE_MAX", 10_000, 1)),
+            concurrency=int(env_float(env, "FNBOX_ASYNC_CONCURRENCY", 2, 0)),
+            retention_s=env_float(env, "FNBOX_CALLS_RETENTION_S", 7 * 86400, 1),
             callback_allow=allow,
-            callback_retries=int(_num(env, "FNBOX_CALLBACK_RETRIES", 5, 0)),
+            callback_retries=int(env_float(env, "FNBOX_CALLBACK_RETRIES", 5, 0)),
             schedules=env.get("FNBOX_SCHEDULES", "1") != "0",
-            schedule_late_s=_num(env, "FNBOX_SCHEDULE_LATE_S", 0, 0) or None,
+            schedule_late_s=env_float(env, "FNBOX_SCHEDULE_LATE_S", 0, 0) or None,
         )

@@ -19,15 +19,24 @@ class ConfigError(ValueError):
 
 def env_int(env: dict[str, str], key: str, default: int, minimum: int = 0) -> int:
     """An integer FNBOX_* variable (unset or empty: the default), or ConfigError saying which and why."""
+    return _env_number(env, key, default, minimum, int, "an integer")
+
+
+def env_float(env: dict[str, str], key: str, default: float, minimum: float = 0) -> float:
+    """A number FNBOX_* variable (unset or empty: the default), or ConfigError saying which and why."""
+    return _env_number(env, key, default, minimum, float, "a number")
+
+
+def _env_number(env: dict[str, str], key: str, default: Any, minimum: Any, kind: type, what: str) -> Any:
     raw = env.get(key)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r}: must be an integer") from None
+        raise ConfigError(f"{key}={raw!r}: must be {what}") from None
     if value < minimum:
-        raise ConfigError(f"{key}={raw!r}: must be at least {minimum}")
+        raise ConfigError(f"{key}={raw!r}: must be at least {minimum:g}")
     return value
 
 
