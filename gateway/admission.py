@@ -9,7 +9,8 @@ A call holds its places until its last process is gone, not until it answers: a 
 on running still counts (until its timeout_s ends it). A call that answered marks its places "finishing"; a
 newcomer that finds the cap full only because of finishing calls waits for them a short, bounded time
 (FINISHING_WAIT) instead of getting 503: their processes are exiting. That keeps a client that calls a
-max_concurrency = 1 function in a loop from seeing a 503 between two calls.
+max_concurrency = 1 function in a loop from seeing a 503 between two calls. The worker's own cap (below) waits
+for its ending calls the same way.
 
 The global cap (FNBOX_MAX_CALLS) counts calls of every worker, but Gunicorn does not spread connections evenly:
 one worker may accept most of them. So each worker also admits at most `worker_max` calls of its own (its
@@ -29,6 +30,10 @@ from runner.locks import LockTable
 GLOBAL = "_all"  # not a valid function name, so it never collides with one
 FINISHING_WAIT = 2.0  # seconds a newcomer waits for calls that answered and are exiting
 _POLL = 0.005
+
+
+def _pause() -> None:
+    time.sleep(_POLL)
 
 
 def worker_cap(threads: int) -> int:
@@ -135,18 +140,14 @@ class ConcurrencyLimiter:
                 deadline = now + FINISHING_WAIT
             elif now > deadline:
                 return None
-            time.sleep(_POLL)
+            _pause()
 
     def admit(self, name: str, limit: int) -> Ticket:
         """The places of one call (a Ticket), or Busy naming the cap that is full."""
         own = self._claim(name, limit)
         if own is None:
             raise Busy("function", f"{name!r} already has {limit} calls in flight (max_concurrency)")
-        with self._lock:
-            worker_full = self.worker_max is not None and self._in_worker >= self.worker_max
-            if not worker_full:
-                self._in_worker += 1
-        if worker_full:
+        if not self._enter_worker():
             self._release(*own)
             raise Busy("worker", f"this worker already has {self.worker_max} calls in flight (FNBOX_THREADS minus "
                                  "the threads kept for /healthz and 503s)")
@@ -157,6 +158,24 @@ class ConcurrencyLimiter:
             self._release(*own)
             raise Busy("server", f"the server already has {self.max_calls} calls in flight (FNBOX_MAX_CALLS)")
         return Ticket(self, [own, overall])
+
+    def _enter_worker(self) -> bool:
+        """Counts one more call of this worker, unless the worker is full. Full only because of calls of this
+        worker that answered and are ending: waits for them (bounded), as a function's cap does, so that a
+        client's next request, sent as soon as the previous call answered, is not refused for that call."""
+        deadline = None
+        while True:
+            with self._lock:
+                if self.worker_max is None or self._in_worker < self.worker_max:
+                    self._in_worker += 1
+                    return True
+                ending = self._local_finishing.get(GLOBAL, 0) > 0
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + FINISHING_WAIT
+            if not ending or now > deadline:
+                return False
+            _pause()
 
     def _finishing(self, key: str, place: int, delta: int) -> None:
         with self._lock:

@@ -46,3 +46,34 @@ def test_a_place_freed_between_the_scan_and_the_ending_check_is_granted(tmp_path
     with pytest.raises(Busy):
         a.admit("f", 1)
     ticket.release()
+
+
+def test_a_worker_full_only_of_ending_calls_waits_for_them(tmp_path, monkeypatch):
+    """The worker's own cap, like a function's, waits (bounded) for calls that answered and are ending instead
+    of answering 503: a client's next request comes as soon as its previous call answered (the soak's 8 clients
+    on one worker saw `this worker already has 14 calls in flight`)."""
+    from gateway import admission
+
+    limiter = ConcurrencyLimiter(str(tmp_path), max_calls=10, worker_max=1)
+    ending = limiter.admit("f", 5)
+    ending.answered()
+    waited = []
+
+    def pause() -> None:  # the newcomer waits: the ending call's processes are gone meanwhile
+        waited.append(1)
+        ending.release()
+
+    monkeypatch.setattr(admission, "_pause", pause)
+    ticket = limiter.admit("g", 5)
+    assert waited
+    ticket.release()
+
+
+def test_a_worker_full_of_running_calls_is_busy_at_once(tmp_path):
+    limiter = ConcurrencyLimiter(str(tmp_path), max_calls=10, worker_max=1)
+    running = limiter.admit("f", 5)
+    with pytest.raises(Busy) as e:
+        limiter.admit("g", 5)
+    assert e.value.cap == "worker"
+    running.release()
+    limiter.admit("g", 5).release()
