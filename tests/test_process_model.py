@@ -314,7 +314,9 @@ def wait_calls_ok(srv, run: int = 8, timeout: float = 40.0) -> None:
             assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
             assert time.monotonic() < deadline, r.text
             time.sleep(0.1)
-    assert srv.get("/healthz").status_code == 200
+    # The calls may all have reached one worker (keep-alive): the other's fork server may still be in its retry
+    # backoff, and its /healthz rightly says 503 until then. Both come back, bounded.
+    wait_health(srv, 200, timeout=max(1.0, deadline - time.monotonic()))
 
 
 def fork_server_pid(srv) -> int:
