@@ -23,17 +23,41 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import TypeVar
 
 from runner.locks import LockTable
 
 GLOBAL = "_all"  # not a valid function name, so it never collides with one
 FINISHING_WAIT = 2.0  # seconds a newcomer waits for calls that answered and are exiting
 _POLL = 0.005
+T = TypeVar("T")
 
 
 def _pause() -> None:
     time.sleep(_POLL)
+
+
+def _while_ending(attempt: Callable[[], T | None], ending: Callable[[], bool]) -> T | None:
+    """attempt() until it gives something. While it cannot only because calls that answered are ending (their
+    processes are exiting), retried for up to FINISHING_WAIT; then None. Once nothing is ending, one last
+    attempt: a call that was ending during the previous one may have let go of its place between it and the
+    check (release frees first, then stops counting as ending), and its client's next request, sent after that
+    call's answer, must not get a 503 for it."""
+    deadline = None
+    while True:
+        got = attempt()
+        if got is not None:
+            return got
+        if not ending():
+            return attempt()
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + FINISHING_WAIT
+        elif now > deadline:
+            return None
+        _pause()
 
 
 def worker_cap(threads: int) -> int:
@@ -117,8 +141,8 @@ class ConcurrencyLimiter:
         """A free place of `key`; when every place is taken but some by calls that are ending, waits for one
         (bounded)."""
         table = self._table(key)
-        deadline = None
-        while True:
+
+        def attempt() -> tuple[str, int] | None:
             # The place this worker freed last first: most likely still free, so a claim is one syscall instead
             # of one per place the other calls hold (each try is an fcntl on the lock file).
             hint = self._freed.get(key)
@@ -127,20 +151,10 @@ class ConcurrencyLimiter:
             for i in range(limit):
                 if i != hint and table.try_claim(i):
                     return key, i
-            if self._local_finishing.get(key, 0) <= 0 and not table.any_finishing(range(limit)):
-                # Nothing is ending now; but a call that was ending during the scan may have freed its place
-                # (release frees the place, then stops counting it as ending) between the scan and this check:
-                # its client's next request, sent after that call's answer, must not get a 503 for it.
-                for i in range(limit):
-                    if table.try_claim(i):
-                        return key, i
-                return None
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + FINISHING_WAIT
-            elif now > deadline:
-                return None
-            _pause()
+            return None
+
+        return _while_ending(attempt, lambda: (self._local_finishing.get(key, 0) > 0
+                                               or table.any_finishing(range(limit))))
 
     def admit(self, name: str, limit: int) -> Ticket:
         """The places of one call (a Ticket), or Busy naming the cap that is full."""
@@ -160,22 +174,16 @@ class ConcurrencyLimiter:
         return Ticket(self, [own, overall])
 
     def _enter_worker(self) -> bool:
-        """Counts one more call of this worker, unless the worker is full. Full only because of calls of this
-        worker that answered and are ending: waits for them (bounded), as a function's cap does, so that a
-        client's next request, sent as soon as the previous call answered, is not refused for that call."""
-        deadline = None
-        while True:
+        """Counts one more call of this worker, unless the worker is full; full only because of calls of this
+        worker that answered and are ending, it waits for them as a function's cap does."""
+        def attempt() -> bool | None:
             with self._lock:
                 if self.worker_max is None or self._in_worker < self.worker_max:
                     self._in_worker += 1
                     return True
-                ending = self._local_finishing.get(GLOBAL, 0) > 0
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + FINISHING_WAIT
-            if not ending or now > deadline:
-                return False
-            _pause()
+            return None
+
+        return _while_ending(attempt, lambda: self._local_finishing.get(GLOBAL, 0) > 0) is not None
 
     def _finishing(self, key: str, place: int, delta: int) -> None:
         with self._lock:
