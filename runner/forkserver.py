@@ -244,25 +244,22 @@ class ForkServer:
             return
         spare = self._take_spare() if not profile.network else None
         while spare is not None:
-            if spare.slot.cgroup is not None:
-                spare.slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
-                spare.slot.cgroup.reset_peak()
-            # The scratch dir takes the call's name: an idle spare's dir ends in "-s<n>", a call's never does.
-            scratch = spare.scratch
-            if scratch != self.settings.scratch_dir:
-                scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.key}-{os.getpid()}-{call_id}")
+            _limit_slot(spare.slot, profile)
             try:
-                if scratch != spare.scratch:
+                if spare.scratch != self.settings.scratch_dir:  # a folder of its own (no file system view)
+                    # It takes the call's name: an idle spare's dir ends in "-s<n>", a call's never does.
+                    scratch = os.path.join(self.settings.scratch_dir, f"{spare.slot.key}-{os.getpid()}-{call_id}")
                     os.rename(spare.scratch, scratch)
                     spare.scratch = scratch
                 send_msg(spare.sock, {"functions_dir": msg["functions_dir"], "function": msg["function"],
-                                      "profile": msg["profile"], "scratch": scratch}, fds)
+                                      "profile": msg["profile"], "scratch": spare.scratch}, fds)
             except OSError:  # it died idle (reaped below): the call goes to another spare or a fresh fork
                 self._drop_spare(spare)
                 spare = self._take_spare()
                 continue
             spare.sock.close()
-            self._track(Call(call_id, spare.pid, spare.slot, profile, scratch, 0.0, 0.0, litter=spare.litter))
+            self._track(Call(call_id, spare.pid, spare.slot, profile, spare.scratch, 0.0, 0.0,
+                             litter=spare.litter))
             return
         claimed = self.claim_slot(call_id, profile)
         if claimed is None:
@@ -286,9 +283,7 @@ class ForkServer:
             self._send({"op": "exit", "id": call_id, "outcome": Outcome.BUSY,
                         "message": "every sandbox slot of this machine is in use"})
             return None
-        if slot.cgroup is not None:
-            slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
-            slot.cgroup.reset_peak()
+        _limit_slot(slot, profile)
         try:
             scratch = self._scratch(slot, f"{os.getpid()}-{call_id}")
         except OSError as e:  # the scratch file system is full or broken: this call cannot run, others may
@@ -599,6 +594,13 @@ class ForkServer:
             self._settle()
             time.sleep(0.005)
         self.slots.close()
+
+
+def _limit_slot(slot: Slot, profile: Profile) -> None:
+    """The call's own memory and process limits on its slot's cgroups, with a fresh memory peak."""
+    if slot.cgroup is not None:
+        slot.cgroup.set_limits(profile.memory_mb * 1024 * 1024, profile.max_processes)
+        slot.cgroup.reset_peak()
 
 
 def main() -> None:
