@@ -168,6 +168,7 @@ class _Progress:
         self.folder = path + ".pending"
         self._map: mmap.mmap | None = None
         self._pid = -1
+        self._file = ""  # this process's counters file (named by pid and start time)
 
     def publish(self, queued: int, done: int) -> None:
         if self._pid != os.getpid():  # first use (or a forked copy): a file of our own
@@ -180,8 +181,8 @@ class _Progress:
         self._map = None
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
-            name = os.path.join(self.folder, f"{self._pid}-{_start_time(self._pid)}")
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._file = os.path.join(self.folder, f"{self._pid}-{_start_time(self._pid)}")
+            fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, _COUNTERS.size)
                 self._map = mmap.mmap(fd, _COUNTERS.size)
@@ -195,7 +196,7 @@ class _Progress:
             self._map.close()
             self._map = None
             try:
-                os.unlink(os.path.join(self.folder, f"{self._pid}-{_start_time(self._pid)}"))
+                os.unlink(self._file)
             except OSError:
                 pass
 
