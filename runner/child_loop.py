@@ -75,6 +75,14 @@ def _take_call(ctl: socket.socket) -> bool:
     return True
 
 
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _release(devnull: int) -> None:
     for fd in range(CHILD_RESULT_FD + 1):
         os.dup2(devnull, fd)
@@ -100,8 +108,10 @@ def serve(functions_dir: str, name: str, profile: Profile) -> None:
     except (AttributeError, ValueError, OSError):
         pass
     ctl = socket.socket(fileno=os.dup(0))  # the lowest free fd (4)
+    ctl_id = _identity(ctl.fileno())
     # Between calls fds 0-3 are /dev/null, never closed: received fds then never land on 0-3 themselves.
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    devnull_id = _identity(devnull)
     _release(devnull)
     oom_frame = encode_frame(child._error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
     warm = _Warm(functions_dir, name, profile)
@@ -115,9 +125,15 @@ def serve(functions_dir: str, name: str, profile: Profile) -> None:
             ok = child.answer(lambda: run_one(warm), oom_frame)
             if not ok or served >= reuse_calls:
                 break  # exit: the fork server reaps us and ends the call as it ends a fresh one
+            # The function may have closed or replaced our fds: its answer stands (exit 0 ends the call as a
+            # fresh one ends), but an instance whose control socket is not the one it was given serves no more.
+            if _identity(ctl.fileno()) != ctl_id or _identity(devnull) != devnull_id:
+                break
             # Reported before the pipes close, so the fork server knows before the caller can send another call.
             send_msg(ctl, {"op": "done"})
             _release(devnull)  # the call's pipes are closed: the gateway sees EOF, the answer is complete
+    except OSError:
+        pass  # the same, found while reporting: the answer was written, the exit reports it
     except BaseException:
         code = 70
     os._exit(code)

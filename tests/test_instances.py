@@ -17,7 +17,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Counts its calls in a module global and says which process it is; `sleep`, `cpu`, `exit`, `thread` and `raise`
 # make one call misbehave on purpose.
 COUNTER = """
-import os, threading, time
+import os, socket, threading, time
 
 VERSION = {version!r}
 CALLS = 0
@@ -38,6 +38,12 @@ def main(request):
         os._exit(3)
     if "raise" in a:
         raise ValueError("on purpose")
+    if a.get("fds") == "close":  # the instance's own control socket (4) and /dev/null (5)
+        os.close(4)
+        os.close(5)
+    if a.get("fds") == "replace":  # a socket of its own where the control socket was
+        globals()["MINE"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.dup2(MINE[0].fileno(), 4)
     if "thread" in a:
         threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
     return {{"calls": CALLS, "pid": os.getpid(), "version": VERSION, "fn": __name__}}
@@ -67,12 +73,18 @@ PROFILES = {"functions.toml": dedent("""
 
     [fresh]
     timeout_s = 5
+
+    [fds]
+    reuse_calls = 50
+    idle_s = 60
+    timeout_s = 60
 """)}
 
 
 @pytest.fixture(scope="module")
 def srv():
-    s = Server(functions={"count": counter(), "other": counter("other"), "fresh": counter(), "cpu": counter()},
+    s = Server(functions={"count": counter(), "other": counter("other"), "fresh": counter(), "cpu": counter(),
+                          "fds": counter()},
                profiles=PROFILES,
                workers=1, env={"FNBOX_ADMIN_TOKEN": TOKEN})
     try:
@@ -173,6 +185,18 @@ def test_a_call_that_leaves_a_thread_behind_ends_the_instance(srv):
     assert call(srv, thread=1)["calls"] == 2  # answered normally, but its thread would run on into later calls
     assert gone(first["pid"])
     assert call(srv)["calls"] == 1
+
+
+@pytest.mark.parametrize("fds", ["close", "replace"])
+def test_a_call_that_closes_or_replaces_the_instances_fds_is_answered_and_ends_it(srv, fds):
+    """Its answer stands (every time: no race between the answer and the instance's exit), and the instance ends
+    at once rather than waiting for the call's 60 s deadline on a socket that is no longer the fork server's."""
+    for _ in range(5):
+        first = fresh_instance(srv, "fds")
+        doc = call(srv, "fds", fds=fds)
+        assert doc["calls"] == 2 and doc["pid"] == first["pid"], doc
+        assert gone(first["pid"])
+        assert call(srv, "fds")["calls"] == 1
 
 
 def test_a_file_replace_starts_a_new_instance(srv):
