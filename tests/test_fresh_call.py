@@ -50,7 +50,45 @@ def main(request):
     return "unreachable"
 """
 
-server = server_fixture(functions={"rand": RANDOM, "hooks": HOOKS, "session_write": SESSION_WRITE})
+# The function module as runner/child.py loads it (without importlib's search): everything a module imported by
+# importlib.import_module("functions.modinfo") has, sibling imports both ways, and source-level tools.
+MODINFO = """# -*- coding: latin-1 -*-
+import importlib, inspect, sys
+import _shared
+from . import _shared as rel
+import functions
+
+CAFE = "caf\xe9"  # written as one latin-1 byte, so only a decoder that reads the cookie gets it right
+me = sys.modules[__name__]
+
+def main(request):
+    spec = __spec__
+    return {"name": __name__, "file": __file__, "package": __package__,
+            "spec": [spec.name, spec.origin, spec.parent, spec.has_location, type(spec.loader).__name__],
+            "loader_is_spec_loader": __loader__ is spec.loader, "in_sys_modules": sys.modules[__name__] is me,
+            "attribute_of_package": getattr(functions, "modinfo", None) is me, "shared": _shared.X,
+            "relative": [rel.__name__, rel.X], "cafe": CAFE, "source_has_main": "def main" in inspect.getsource(main),
+            "reloaded": importlib.reload(me) is me}
+"""
+MODINFO_SHARED = "X = 'helper'\n"
+
+RAISES_AT_IMPORT = """
+import sys
+raise LookupError("from the module body")
+def main(request):
+    return "unreachable"
+"""
+
+REPLACES_ITSELF = """
+import sys, types
+stand_in = types.SimpleNamespace(main=lambda request: "the stand-in answered")
+sys.modules[__name__] = stand_in
+"""
+
+server = server_fixture(functions={"rand": RANDOM, "hooks": HOOKS, "session_write": SESSION_WRITE,
+                                   "_shared": MODINFO_SHARED, "raises": RAISES_AT_IMPORT,
+                                   "stand_in": REPLACES_ITSELF},
+                        profiles={"functions.toml": "[raises]\ntraceback = true\n"})
 
 
 def test_each_fresh_call_draws_its_own_random_numbers_and_runs_threads(server) -> None:
@@ -110,3 +148,32 @@ def test_raw_fork_steps_aside_for_threads_and_foreign_at_fork_hooks() -> None:
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "7", "False", "True", "False"]
+
+
+def test_the_function_module_has_what_importlib_would_give_it(server) -> None:
+    path = os.path.join(server.functions_dir, "modinfo.py")
+    with open(path + ".tmp", "wb") as f:
+        f.write(MODINFO.encode("latin-1"))
+    os.chmod(path + ".tmp", 0o644)
+    os.rename(path + ".tmp", path)
+    r = server.get("/function/modinfo")
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "name": "functions.modinfo", "file": path, "package": "functions",
+        "spec": ["functions.modinfo", path, "functions", True, "SourceFileLoader"],
+        "loader_is_spec_loader": True, "in_sys_modules": True, "attribute_of_package": True, "shared": "helper",
+        "relative": ["functions._shared", "helper"], "cafe": "caf\u00e9", "source_has_main": True, "reloaded": True}
+
+
+def test_an_error_in_the_module_body_names_the_functions_own_line(server) -> None:
+    doc = assert_error(server.get("/function/raises"), 500, "function_error", "raises")
+    assert (doc["type"], doc["message"]) == ("LookupError", "from the module body")
+    tb = doc["traceback"]
+    first = f'Traceback (most recent call last):\n  File "{server.functions_dir}/raises.py", line 2, in <module>\n'
+    assert tb.startswith(first), tb
+    assert "runner/child.py" not in tb and "importlib" not in tb, tb
+
+
+def test_a_module_that_replaces_itself_in_sys_modules_answers_through_its_stand_in(server) -> None:
+    r = server.get("/function/stand_in")
+    assert (r.status_code, r.text) == (200, "the stand-in answered")
