@@ -128,12 +128,15 @@ def _exec_file(pkg: types.ModuleType, fullname: str, path: str) -> types.ModuleT
         source = f.read()
     code = compile(source, path, "exec", dont_inherit=True)
     module = importlib.util.module_from_spec(spec)
+    spec._initializing = True  # what a circular import's "partially initialized module" message reads
     sys.modules[fullname] = module
     try:
         exec(code, module.__dict__)
     except BaseException:
         sys.modules.pop(fullname, None)
         raise
+    finally:
+        spec._initializing = False
     module = sys.modules[fullname]  # as importlib does: the body may have replaced itself in sys.modules
     setattr(pkg, fullname.rpartition(".")[2], module)
     return module
