@@ -380,20 +380,19 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")
 
 
-def warm(full: bool = True) -> None:
-    """Runs the call path once with a built-in function (runner/warm/probe.py, never user code): its import
-    through _load(), then a request through Flask. full (the fork server, once): a multipart POST that loads
-    every lazily imported module (idna, the JSON provider, form parsing, cookies). Not full (a spare): a GET, so
-    that the spare pays the common path's copy-on-write faults before its call. Everything imported under the
-    functions package name is forgotten again."""
+def warm() -> None:
+    """Runs the call path once in the fork server with a built-in function (runner/warm/probe.py, never user
+    code): its import through _load(), then a multipart POST through Flask, which loads every lazily imported
+    module (idna, the JSON provider, form parsing, cookies), so that no call pays for an import. Everything
+    imported under the functions package name is forgotten again. (A spare does not run it again: measured,
+    its extra copy-on-write pages cost more than they saved, docs/performance.md.)"""
     global _main
     body = b"--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\n\r\nx\r\n--b--\r\n"
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/function/probe/a/b", "QUERY_STRING": "a=1",
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/function/probe/a/b", "QUERY_STRING": "a=1",
                "SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-               "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr}
-    if full:
-        environ.update({"REQUEST_METHOD": "POST", "CONTENT_TYPE": "multipart/form-data; boundary=b",
-                        "CONTENT_LENGTH": str(len(body)), "HTTP_COOKIE": "a=b", "wsgi.input": io.BytesIO(body)})
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.errors": sys.stderr,
+               "CONTENT_TYPE": "multipart/form-data; boundary=b", "CONTENT_LENGTH": str(len(body)),
+               "HTTP_COOKIE": "a=b", "wsgi.input": io.BytesIO(body)}
     try:
         _main = _load(WARM_DIR, "probe").main
         _respond(environ, 1 << 20, fresh=False)

@@ -85,8 +85,8 @@ class Call:
 
 @dataclass
 class Spare:
-    """A child forked ahead of demand: already in its slot's cgroups, namespaces, uid and scratch dir, its
-    request path pre-touched (the copy-on-write faults paid), waiting on its socket for a call. It has run no
+    """A child forked ahead of demand: already in its slot's cgroups and namespaces, its cwd and fds set,
+    waiting on its socket for a call (the fork and that setup are then off the call's path). It has run no
     call: it becomes exactly one call, then exits."""
 
     pid: int
@@ -353,8 +353,10 @@ class ForkServer:
             prepare(slot, cwd, self.layers, network=False, keep=[theirs.fileno()])
             from runner import child
 
-            child.warm(full=False)  # the common path's copy-on-write faults, paid before the call
-            if slot.mntns is not None:  # and those of entering the file system view
+            # The host-side half of entering the view, exercised once (cheap). Not the Python call path: a
+            # spare that ran it held ~2.6 MB more, its call ~1.2 MB more, and calls were no faster for it
+            # (docs/performance.md, "Spares without a warm-up").
+            if slot.mntns is not None:
                 fsview.prewarm(self.settings.functions_dir)
             assignment, fds = recv_msg(theirs, SPAWN_FDS)
             if assignment is None or len(fds) != SPAWN_FDS:
