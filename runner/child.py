@@ -229,6 +229,11 @@ def _missing_package(exc: ModuleNotFoundError) -> str:
             f"(docs/functions.md, Dependencies)")
 
 
+# Made once, in the fork server: a call that runs out of memory needs no allocation to say so, and no call
+# spends its own page faults on encoding the same bytes.
+OOM_FRAME = encode_frame(_error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
+
+
 def _failure(exc: BaseException, network: bool) -> dict[str, Any]:
     """The error frame of an exception raised by importing or calling the function."""
     if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith(PACKAGE + ".") \
@@ -405,7 +410,7 @@ def warm() -> None:
         sys.path_importer_cache.pop(WARM_DIR, None)
 
 
-def answer(call: Callable[[], dict[str, Any] | tuple[dict[str, Any], bytes]], oom_frame: bytes) -> bool:
+def answer(call: Callable[[], dict[str, Any] | tuple[dict[str, Any], bytes]]) -> bool:
     """Runs one call and writes its result frame on fd 3, after the function's output is flushed; whether it
     answered with a response (not an error frame). A MemoryError anywhere on the way is the prepared OOM frame."""
     ok = False
@@ -416,7 +421,7 @@ def answer(call: Callable[[], dict[str, Any] | tuple[dict[str, Any], bytes]], oo
         else:
             data, ok = encode_frame(result[0]) + result[1], result[0].get("kind") == "response"
     except MemoryError:
-        data = oom_frame
+        data = OOM_FRAME
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -435,10 +440,9 @@ def main(functions_dir: str, name: str, profile: Profile) -> None:
         sys.stdout.reconfigure(line_buffering=True)
     except (AttributeError, ValueError, OSError):
         pass
-    oom_frame = encode_frame(_error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
     code = 0
     try:
-        answer(lambda: run(functions_dir, name, profile), oom_frame)
+        answer(lambda: run(functions_dir, name, profile))
         # Closing every pipe tells the gateway the answer is complete now, before the exit and reaping of this
         # process (several ms for a forked interpreter) that nobody needs to wait for.
         os.closerange(0, CHILD_RESULT_FD + 1)

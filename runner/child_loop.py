@@ -23,9 +23,9 @@ import tempfile
 import types
 from typing import Any
 
-from runner import child, outcomes
+from runner import child
 from runner.profiles import Profile
-from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, encode_frame, recv_msg, send_msg
+from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, recv_msg, send_msg
 
 
 class _Warm:
@@ -113,7 +113,6 @@ def serve(functions_dir: str, name: str, profile: Profile) -> None:
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     devnull_id = _identity(devnull)
     _release(devnull)
-    oom_frame = encode_frame(child._error(outcomes.MEMORY_LIMIT, message="memory limit reached (MemoryError)"))
     warm = _Warm(functions_dir, name, profile)
     reuse_calls, cpu_s = profile.reuse_calls, profile.cpu_s
     code = 0
@@ -122,7 +121,7 @@ def serve(functions_dir: str, name: str, profile: Profile) -> None:
             if not _take_call(ctl):
                 break
             _cpu_soft_limit(cpu_s)
-            ok = child.answer(lambda: run_one(warm), oom_frame)
+            ok = child.answer(lambda: run_one(warm))
             if not ok or served >= reuse_calls:
                 break  # exit: the fork server reaps us and ends the call as it ends a fresh one
             # The function may have closed or replaced our fds: its answer stands (exit 0 ends the call as a
