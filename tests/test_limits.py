@@ -85,10 +85,17 @@ FUNCTIONS = {
         def main(request):
             return 'this server'
     """,
+    # Fits its memory once, not twice: the result frame (header + body) is the second copy, made after main
+    # returned, where the runner's prepared out-of-memory frame answers.
+    "bigbody": """
+        def main(request):
+            return b"x" * (80 * 1024 * 1024)
+    """,
 }
 
 PROFILES = "".join(f"[{name}]\ntimeout_s = {TIMEOUT_S}\nmemory_mb = {MEMORY_MB}\n\n" for name in FUNCTIONS
-                   if name not in ("hello", "same_name")) + "[same_name]\nmax_concurrency = 1\n"
+                   if name not in ("hello", "same_name", "bigbody")) + "[same_name]\nmax_concurrency = 1\n" + \
+    f"[bigbody]\ntimeout_s = 10\nmemory_mb = {MEMORY_MB}\nmax_response_kb = 204800\n"
 
 
 server = server_fixture(functions=FUNCTIONS, profiles={"functions.toml": PROFILES})
@@ -147,6 +154,13 @@ def test_sleep_is_timeout(server):
 def test_huge_allocation_is_memory_limit(server):
     r = run_limited(server, "bigalloc")
     assert_error(r, 502, "memory_limit", "bigalloc")
+    assert_recovered(server)
+
+
+@pytest.mark.timeout(30)
+def test_a_response_too_big_to_send_is_memory_limit(server):
+    doc = assert_error(server.get("/function/bigbody", timeout=20), 502, "memory_limit", "bigbody")
+    assert doc["message"].startswith("memory limit reached"), doc
     assert_recovered(server)
 
 
