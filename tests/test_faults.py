@@ -308,6 +308,9 @@ def test_kill_worker_during_calls(make_server, iso, world):
     pool = ThreadPoolExecutor(14)
     futs: list[Future] = []
     try:
+        # A worker still starting up (its fork server warming) accepts no connection: wait until both answer.
+        seen: set[int] = set()
+        assert wait_for(lambda: seen.add(health(srv).get("fork_server_pid")) or len(seen - {None}) == 2, 30), seen
         # Launch calls one by one until both workers run some (connections do not alternate between workers).
         for _ in range(14):
             futs.append(pool.submit(timed_get, srv, f"/function/slow?s=30&dir={world}", 60))
