@@ -8,7 +8,8 @@ answer is written, and a new call's pipes arrive over the instance's control soc
 
 The instance ends itself (exit 0, so the fork server cleans its slot as after any call) after its last allowed
 call, after any call that did not answer normally (an import error, an exception, a memory error: the next call
-gets a fresh process), or when the control socket closes. Everything else (limits, idle time, deploys) is decided
+gets a fresh process), after a call that closed or replaced the instance's own fds, or when the control socket
+closes. Everything else (limits, idle time, deploys) is decided
 and enforced by the fork server, which kills it.
 """
 
