@@ -23,6 +23,7 @@ from flask import current_app
 
 from gateway.console.queries import CallFilter, HistoryReader
 from gateway.errors import GatewayError
+from jobs.config import JobSettings, valid_board
 
 FANOUT_HEADER = "X-Fnbox-Fanout"  # marks a board-to-board request: it is answered from that board alone
 MAX_ANSWER = 64 * 1024 * 1024  # 1000 rows of a board, each with up to max_log_kb of output
@@ -64,8 +65,7 @@ class CallQuery:
         if outcome is not None and not (outcome.replace("_", "").isalnum() and len(outcome) <= 64):
             raise GatewayError("bad_request", "outcome must be an outcome name such as ok or function_error")
         board = args.get("board") or None
-        if board is not None and not (board.replace("-", "").replace("_", "").replace(".", "").isalnum()
-                                      and len(board) <= 64):
+        if board is not None and not valid_board(board):
             raise GatewayError("bad_request", "board must be a board's name (FNBOX_BOARD)")
         after = args.get("after") or None
         if after is not None and not (after.isdigit() and board):
@@ -136,8 +136,17 @@ class Boards:
     error: str | None = None  # the registry could not be read: other boards are unknown
 
 
+def _settings() -> JobSettings:
+    return current_app.extensions["fnbox_jobs"].settings
+
+
+def this_board() -> str:
+    """This board's name, without asking the registry."""
+    return _settings().board
+
+
 def boards() -> Boards:
-    me = current_app.extensions["fnbox_jobs"].settings.board
+    me = this_board()
     registry = current_app.extensions.get("fnbox_boards")
     if registry is None:
         return Boards(me, {})
@@ -193,7 +202,7 @@ def listing(q: CallQuery, fanout: bool = True, b: Boards | None = None, timeout:
     fanout=False: this board's own (what a board answers to another). b, timeout: the boards to ask (default:
     the registry's) and for how long (default FNBOX_BOARD_TIMEOUT_S)."""
     if b is None:
-        b = boards() if fanout else Boards(current_app.extensions["fnbox_jobs"].settings.board, {})
+        b = boards() if fanout else Boards(this_board(), {})
     known = [b.me, *sorted(b.others)]
     if q.board is not None and q.board not in known:
         raise GatewayError("not_found", f"no board named {q.board!r} (known: {', '.join(known)})")
@@ -203,7 +212,7 @@ def listing(q: CallQuery, fanout: bool = True, b: Boards | None = None, timeout:
         rows = [dict(r, board=b.me) for r in local_calls(q)]
         answered.append(b.me)
     targets = {n: f"{u}/admin/calls?{q.params(n)}" for n, u in b.others.items() if q.board in (None, n)}
-    answers, unreachable = fan_out(targets, timeout or current_app.extensions["fnbox_jobs"].settings.board_timeout_s)
+    answers, unreachable = fan_out(targets, timeout or _settings().board_timeout_s)
     for name, doc in answers.items():
         calls = doc.get("calls") if isinstance(doc, dict) else None
         if not isinstance(calls, list):
@@ -232,7 +241,7 @@ def find_call(request_id: str, board: str | None = None) -> tuple[str, dict[str,
             return (b.me, rec) if rec is not None else None
     path = f"/admin/calls/{urllib.parse.quote(request_id, safe='')}"
     targets = {n: u + path for n, u in b.others.items() if board in (None, n)}
-    answers, unreachable = fan_out(targets, current_app.extensions["fnbox_jobs"].settings.board_timeout_s)
+    answers, unreachable = fan_out(targets, _settings().board_timeout_s)
     for name in sorted(answers):
         if isinstance(answers[name], dict) and answers[name].get("request_id") == request_id:
             return name, answers[name]

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from runner.config import ConfigError, env_float
 
 
+def valid_board(name: str) -> bool:
+    """A board's name (FNBOX_BOARD): letters, digits, '-', '_' and '.', at most 64 characters."""
+    return name.replace("-", "").replace("_", "").replace(".", "").isalnum() and len(name) <= 64
+
+
 def _hostport(item: str) -> tuple[str, int]:
     host, sep, port = item.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -42,7 +47,7 @@ class JobSettings:
                 raise ConfigError("FNBOX_REDIS_URL must be redis://:PASSWORD@host:port/db (Redis without a "
                                   "password is refused: see docs/cluster.md)")
         board = env.get("FNBOX_BOARD") or socket.gethostname()
-        if not board.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(board) > 64:
+        if not valid_board(board):
             raise ConfigError(f"FNBOX_BOARD={board!r}: letters, digits, '-', '_' and '.' only, at most 64")
         board_url = (env.get("FNBOX_BOARD_URL") or f"http://{env.get('FNBOX_BIND') or '127.0.0.1:8000'}").rstrip("/")
         u = urllib.parse.urlsplit(board_url)

@@ -156,7 +156,7 @@ def call(request_id: str) -> str:
     errors = {"error_type": row.get("error_type"), "error_message": row.get("error_message") or row.get("message"),
               "traceback": row.get("traceback")}
     errors = {k: v for k, v in errors.items() if v}
-    me = board_calls.boards().me
+    me = board_calls.this_board()  # the name only: no second read of the board registry
     return render_template("call.html", **ctx(page="calls", c=row, req=req, errors=errors, board=where,
                                               elsewhere=where != me, this_board=me))
 
