@@ -24,7 +24,7 @@ import tempfile
 import types
 from typing import Any
 
-from runner import child
+from runner import child, outcomes
 from runner.profiles import Profile
 from runner.protocol import CHILD_RESULT_FD, SPAWN_FDS, recv_msg, send_msg
 
@@ -135,5 +135,5 @@ def serve(functions_dir: str, name: str, profile: Profile) -> None:
     except OSError:
         pass  # the same, found while reporting: the answer was written, the exit reports it
     except BaseException:
-        code = 70
+        code = outcomes.ExitCode.RUNNER_FAILED
     os._exit(code)
