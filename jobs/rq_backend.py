@@ -269,6 +269,9 @@ class RedisQueue:
                 leased: dict[str, bool] = {}
 
                 def lease(c: Call, leased: dict[str, bool] = leased) -> bool:
+                    # Run again after a WatchError (another board wrote the call meanwhile): only the attempt
+                    # that commits may count, or two boards would both deliver the callback.
+                    leased.clear()
                     cb = c.callback or {}
                     if cb.get("state") != CB_PENDING or (cb.get("next_at") or 0) > now or \
                             (cb.get("lease_until") or 0) > now:
