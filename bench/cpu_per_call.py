@@ -26,9 +26,12 @@ def _role(p: psutil.Process, master: int) -> str:
         cmd = " ".join(p.cmdline())
         if p.pid == master:
             return "master"
+        if p.name() == "fnbox-zygote":
+            return "zygote"
         if p.ppid() == master:
             return "worker"
-        if "runner.forkserver" in cmd and psutil.Process(p.ppid()).ppid() == master:
+        parent = psutil.Process(p.ppid())
+        if parent.name() == "fnbox-zygote" or ("runner.forkserver" in cmd and parent.ppid() == master):
             return "forkserver"
         return "instance/child"
     except psutil.Error:

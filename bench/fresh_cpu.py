@@ -15,6 +15,7 @@ import psutil
 
 from tests import conftest
 from tests.conftest import REPO, Server
+from tests.faultkit import fork_servers, workers_of
 
 HELLO = open(f"{REPO}/bench/functions/hello.py").read()
 
@@ -31,9 +32,8 @@ def measure(tree: str, env: dict[str, str], n: int) -> tuple[float, float, float
         s.start()
         for _ in range(20):  # warm-up: the fork server and its first slots
             s.get("/function/hello")
-        master = psutil.Process(s.proc.pid)
-        worker = master.children()[0]
-        fs = [p for p in worker.children() if "forkserver" in " ".join(p.cmdline())][0]
+        worker = workers_of(s)[0]
+        fs = psutil.Process(next(iter(fork_servers(s))))
         w0, f0, t0 = _cpu(worker, False), _cpu(fs, True), time.perf_counter()
         for _ in range(n):
             assert s.get("/function/hello").status_code == 200

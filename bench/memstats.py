@@ -119,21 +119,27 @@ def inflight_uss(server: Server, path: str, calls: int, call_seconds: float) -> 
 @dataclass(frozen=True)
 class ProcessMemory:
     pid: int
-    role: str  # master, worker, fork server, spare/call (a fork server's child)
+    role: str  # master, worker, zygote, fork server, spare/call (a fork server's child)
     threads: int
     pss: int
     uss: int
     rss: int
 
 
+def _is_fork_server_family(proc: psutil.Process) -> bool:
+    """A fork server or one of its children: forked by the zygote (named fnbox-fs:<worker>, runner/zygote.py) or
+    started by its worker (FNBOX_ZYGOTE=0: `python -m runner.forkserver`)."""
+    return proc.name().startswith("fnbox-fs:") or "runner.forkserver" in " ".join(proc.cmdline())
+
+
 def _role(proc: psutil.Process, master: int) -> str:
     if proc.pid == master:
         return "master"
-    cmd = " ".join(proc.cmdline())
-    if "runner.forkserver" in cmd:
+    if proc.name() == "fnbox-zygote":
+        return "zygote"
+    if _is_fork_server_family(proc):
         parent = proc.parent()
-        parent_cmd = " ".join(parent.cmdline()) if parent is not None else ""
-        return "spare/call" if "runner.forkserver" in parent_cmd else "fork server"
+        return "spare/call" if parent is not None and _is_fork_server_family(parent) else "fork server"
     return "worker" if proc.ppid() == master else "other"
 
 

@@ -78,6 +78,8 @@ def child_exit(server, worker):
 def on_exit(server):
     import shutil
 
+    _stop_zygote(server, 10.0)  # the workers are gone, and their fork servers with them
+
     shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
     if os.geteuid() == 0:  # the egress table of our sandbox uids (runner/egress.py) goes with the server
         from runner import egress
@@ -120,6 +122,36 @@ def on_starting(server):
     server.log.info("%s", console.status_line())
     _limit_malloc_arenas(server, settings.malloc_arena_max)
     _share_with_workers(server)
+    _start_zygote(server, settings)
+
+
+def _start_zygote(server, settings):
+    """One clean, warm process that forks every worker's fork server, so they share its image copy-on-write
+    (runner/zygote.py). Started before any worker; the workers find it through the environment they inherit.
+    A zygote that cannot start costs memory, not service: each worker then starts its own fork server. Its
+    handle lives on the arbiter: a reload executes this file again, with fresh globals."""
+    from runner.zygote import ENV_SOCKET, Zygote
+
+    os.environ.pop(ENV_SOCKET, None)
+    if not settings.zygote:
+        server.log.info("fnbox: fork-server zygote off (FNBOX_ZYGOTE=0): each worker starts its own fork server")
+        return
+    from runner.config import REPO_ROOT
+
+    try:
+        server.fnbox_zygote = Zygote(settings.python, REPO_ROOT)
+    except OSError as e:
+        server.log.warning("fnbox: cannot start the fork-server zygote (%r); each worker starts its own", e)
+        return
+    os.environ[ENV_SOCKET] = server.fnbox_zygote.path
+    server.log.info("fnbox: fork-server zygote %d forks the workers' fork servers", server.fnbox_zygote.pid)
+
+
+def _stop_zygote(server, timeout):
+    zygote = getattr(server, "fnbox_zygote", None)
+    if zygote is not None:
+        server.fnbox_zygote = None
+        zygote.stop(timeout)
 
 
 def _limit_malloc_arenas(server, arenas):
@@ -182,6 +214,15 @@ def on_reload(server):
         if (getattr(module, "__file__", None) or "").startswith(root) and "site-packages" not in module.__file__:
             del sys.modules[name]
     _share_with_workers(server)
+    # The new workers' fork servers must run the new release's runner too: a new zygote. The old one forks no
+    # more and exits once the old workers' fork servers have ended (Gunicorn's reaping collects it).
+    _stop_zygote(server, 0)
+    from runner.config import ConfigError, Settings
+
+    try:
+        _start_zygote(server, Settings.from_env())
+    except ConfigError as e:
+        server.log.warning("fnbox: no fork-server zygote after the reload: %s", e)
 
 
 def post_worker_init(worker):

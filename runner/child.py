@@ -385,13 +385,18 @@ def run(functions_dir: str, name: str, profile: Profile) -> dict[str, Any] | tup
 WARM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm")
 
 
+_warmed = False
+
+
 def warm() -> None:
     """Runs the call path once in the fork server with a built-in function (runner/warm/probe.py, never user
     code): its import through _load(), then a multipart POST through Flask, which loads every lazily imported
     module (idna, the JSON provider, form parsing, cookies), so that no call pays for an import. Everything
     imported under the functions package name is forgotten again. (A spare does not run it again: measured,
     its extra copy-on-write pages cost more than they saved, docs/performance.md.)"""
-    global _main
+    global _main, _warmed
+    if _warmed:  # the zygote warmed this process's image before forking it (runner/zygote.py)
+        return
     body = b"--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\n\r\nx\r\n--b--\r\n"
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/function/probe/a/b", "QUERY_STRING": "a=1",
                "SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
@@ -401,6 +406,7 @@ def warm() -> None:
     try:
         _main = _load(WARM_DIR, "probe").main
         _respond(environ, 1 << 20, fresh=False)
+        _warmed = True
     finally:
         _main = None
         for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:

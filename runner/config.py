@@ -79,6 +79,9 @@ class Settings:
     # The fork server forks call processes without CPython's after-fork hooks while it is single-threaded
     # (runner/rawfork.py; FNBOX_RAW_FORK=0: always os.fork()). Only a switch to compare or rule it out.
     raw_fork: bool = True
+    # The Gunicorn master starts one zygote that forks every worker's fork server, so they share its warm
+    # image (runner/zygote.py; FNBOX_ZYGOTE=0: each worker starts its own fork server from scratch).
+    zygote: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -110,6 +113,7 @@ class Settings:
             shared_dirs=_dirs(env, "FNBOX_SANDBOX_SHARED_DIRS"),
             sandbox_off=_layers_off(env.get("FNBOX_SANDBOX_OFF") or ""),
             raw_fork=env_int(env, "FNBOX_RAW_FORK", 1, minimum=0) != 0,
+            zygote=env_int(env, "FNBOX_ZYGOTE", 1, minimum=0) != 0,
             forwarded_allow_ips=frozenset(
                 ip.strip() for ip in env.get("FNBOX_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if ip.strip()
             ),

@@ -605,9 +605,10 @@ def _limit_slot(slot: Slot, profile: Profile) -> None:
         slot.cgroup.reset_peak()
 
 
-def main() -> None:
-    fd = int(sys.argv[1])
-    sock = socket.socket(fileno=fd)
+def main(fd: int | None = None) -> None:
+    """Serves the control socket ``fd``: started as `python -m runner.forkserver FD` by a worker, or forked by
+    the zygote (runner/zygote.py) with the fd it was handed."""
+    sock = socket.socket(fileno=int(sys.argv[1]) if fd is None else fd)
     # The Supervisor passed a minimal PATH/LANG and no secret in the environment; its validated settings come
     # as the first message, so this process never reads FNBOX_* variables itself.
     msg, _ = recv_msg(sock)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner import outcomes
+from runner import outcomes, zygote
 from runner.config import REPO_ROOT, Settings
 from runner.instances import profile_digest
 from runner.preload import PreloadTracker
@@ -160,7 +160,8 @@ class _ForkServerProcess:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": REPO_ROOT,
                "PYTHONDONTWRITEBYTECODE": "1"}
         try:
-            self.proc = subprocess.Popen(
+            # Forked by the server's zygote (shares its warm image), or, without one, a process of its own.
+            self.proc: subprocess.Popen | zygote.ForkedServer = zygote.fork(child.fileno()) or subprocess.Popen(
                 [settings.python, "-m", "runner.forkserver", str(child.fileno())],
                 pass_fds=(child.fileno(),), env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                 stdout=sys.stderr, start_new_session=True, close_fds=True,

@@ -61,17 +61,57 @@ def alive(pid: int) -> bool:
         return False
 
 
+ZYGOTE_NAME = "fnbox-zygote"  # runner/zygote.py names its processes so
+
+
 def workers_of(srv: Server) -> list[psutil.Process]:
+    """The Gunicorn workers: the master's children but its fork-server zygote(s)."""
     try:
-        return psutil.Process(srv.proc.pid).children()
+        children = psutil.Process(srv.proc.pid).children()
     except psutil.NoSuchProcess:
         return []
+    out = []
+    for c in children:
+        try:
+            if c.name() != ZYGOTE_NAME:
+                out.append(c)
+        except psutil.Error:
+            pass
+    return out
+
+
+def zygotes_of(srv: Server) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(srv.proc.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for c in children:
+        try:
+            if c.name() == ZYGOTE_NAME:
+                out.append(c)
+        except psutil.Error:
+            pass
+    return out
 
 
 def fork_servers(srv: Server) -> dict[int, int]:
-    """fork server pid -> its worker's pid (the fork servers are the workers' root children running
-    runner.forkserver; their own children, calls and spares, run as sandbox uids)."""
+    """fork server pid -> its worker's pid. A fork server is forked by the server's zygote and named
+    fnbox-fs:<worker pid> (runner/zygote.py), or, without a zygote, it is its worker's own root child running
+    runner.forkserver. Their own children, calls and spares, are not fork servers."""
     out = {}
+    for z in zygotes_of(srv):
+        try:
+            children = z.children()
+        except psutil.Error:
+            continue
+        for c in children:
+            try:
+                name = c.name()
+                if c.uids().real == 0 and name.startswith("fnbox-fs:"):
+                    out[c.pid] = int(name.split(":", 1)[1])
+            except (psutil.Error, ValueError):
+                pass
     for w in workers_of(srv):
         try:
             children = w.children()
@@ -87,13 +127,14 @@ def fork_servers(srv: Server) -> dict[int, int]:
 
 
 def server_processes(srv: Server) -> list[psutil.Process]:
-    """The server's own processes: master, workers, fork servers (not calls, spares or janitors)."""
+    """The server's own processes: master, workers, zygote, fork servers (not calls, spares or janitors)."""
     procs = []
     try:
         procs.append(psutil.Process(srv.proc.pid))
     except psutil.NoSuchProcess:
         return []
     procs.extend(workers_of(srv))
+    procs.extend(zygotes_of(srv))
     for pid in fork_servers(srv):
         try:
             procs.append(psutil.Process(pid))

@@ -63,6 +63,7 @@ from tests.faultkit import (  # noqa: E402
     server_processes,
     spares_per_fork_server,
     workers_of,
+    zygotes_of,
 )
 
 MiB = 1024 * 1024
@@ -294,6 +295,7 @@ def fd_kinds(srv: Server) -> dict[str, dict[str, int]]:
     """Per server process (role:pid), its open fds by kind (socket, pipe, anon_inode:..., /path/prefix)."""
     roles = {srv.proc.pid: "master"}
     roles.update({w.pid: "worker" for w in workers_of(srv)})
+    roles.update({z.pid: "zygote" for z in zygotes_of(srv)})
     roles.update({f: "fork server" for f in fork_servers(srv)})
     out: dict[str, dict[str, int]] = {}
     for pid, role in roles.items():

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from runner.config import ConfigError, Settings
+from tests.faultkit import fork_servers, workers_of, zygotes_of
 
 HELLO = {"hello": "def main(request):\n    return 'Hello World!'\n"}
 
@@ -38,11 +39,13 @@ def test_master_shares_modules_but_runs_nothing_per_worker(make_server):
         r = srv.get("/function/hello")
         assert r.status_code == 200 and r.text == "Hello World!", r.text
     master = psutil.Process(srv.proc.pid)
-    # Single-threaded, and its only children are the workers: no fork server, history writer or queue thread.
+    # Single-threaded, and its only children are the workers and the fork-server zygote: no fork server, history
+    # writer or queue thread.
     assert master.num_threads() == 1
-    workers = master.children()
-    assert len(workers) == 2 and all("runner.forkserver" not in " ".join(w.cmdline()) for w in workers)
-    assert all(any("runner.forkserver" in " ".join(c.cmdline()) for c in w.children()) for w in workers)
+    workers, zygotes = workers_of(srv), zygotes_of(srv)
+    assert len(workers) == 2 and len(zygotes) == 1 and len(master.children()) == 3
+    assert all("runner.forkserver" not in " ".join(w.cmdline()) for w in workers)
+    assert sorted(fork_servers(srv).values()) == sorted(w.pid for w in workers)  # one each, forked by the zygote
     # /metrics lists the workers' files only: the master's, made by importing gateway.metrics, are gone.
     assert "fnbox_calls_total" in srv.get("/metrics").text
     dirs = {d for w in workers for d in (p.rsplit("/", 1)[0] for p in glob.glob(f"/tmp/fnbox-metrics-*/*_{w.pid}.db"))}
@@ -84,12 +87,12 @@ def test_reload_imports_fnbox_modules_again_before_new_workers(make_server):
     line = "modules imported in the master and shared with the workers"
     assert line in _wait_log(srv, line)
     master = psutil.Process(srv.proc.pid)
-    old = {w.pid for w in master.children()}
+    old = {w.pid for w in workers_of(srv)}
     os.kill(master.pid, signal.SIGHUP)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         lines = [ln for ln in srv.read_log().splitlines() if line in ln]
-        new = {w.pid for w in master.children()}
+        new = {w.pid for w in workers_of(srv)}
         if len(lines) == 2 and new and not new & old:
             break
         time.sleep(0.1)

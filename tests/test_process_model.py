@@ -13,12 +13,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import requests
 
 from tests.conftest import REPO, dedent, server_fixture
-from tests.faultkit import workers_of
+from tests.faultkit import fork_servers, workers_of
 from tests.helpers import assert_error, log_line, new_request_id
 
 # The secret is sent to the scanner in two halves, never joined in its memory: a contiguous copy found there can
@@ -383,20 +382,14 @@ def test_fork_servers_killed_while_workers_boot_never_stop_the_server(make_serve
     killed: set[int] = set()
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
-        for w in workers_of(srv):
-            if w.pid in old:
+        for fs, worker in fork_servers(srv).items():
+            if worker in old or fs in killed:
                 continue
             try:
-                children = w.children()
-            except psutil.Error:
-                continue
-            for c in children:
-                try:
-                    if c.pid not in killed and "runner.forkserver" in " ".join(c.cmdline()):
-                        os.kill(c.pid, signal.SIGKILL)
-                        killed.add(c.pid)
-                except (psutil.Error, ProcessLookupError):
-                    pass
+                os.kill(fs, signal.SIGKILL)
+                killed.add(fs)
+            except ProcessLookupError:
+                pass
         time.sleep(0.002)
     assert killed, "no fork server of a booting worker was seen"
     assert srv.proc.poll() is None, srv.read_log()[-3000:]
