@@ -327,10 +327,13 @@ def main(argv: list[str]) -> None:
     listener = socket.socket(fileno=int(argv[1]))
     master = int(argv[2])
     _set_name("fnbox-zygote")
-    # What every fork server would import and warm first, once for all of them (runner/forkserver.py serve()).
-    from runner import child, forkserver  # noqa: F401
+    # What every fork server would import, warm and compile first, once for all of them (runner/forkserver.py
+    # serve(), runner/sandbox.py probe_layers()): done after the fork, each fork server would copy the pages it
+    # writes (the syscall filter's compilation alone, libseccomp and its binding, copied ~4 MB per fork server).
+    from runner import child, forkserver, syscalls  # noqa: F401
     from runner.heap import trim
 
+    syscalls.compile_program()  # settings-independent, cached per process
     child.warm()
     gc.collect()
     gc.freeze()
