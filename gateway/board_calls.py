@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from flask import current_app
 
 from gateway.console.queries import CallFilter, HistoryReader
@@ -150,6 +149,8 @@ def boards() -> Boards:
     registry = current_app.extensions.get("fnbox_boards")
     if registry is None:
         return Boards(me, {})
+    import redis  # here, with a registry only: a board without Redis never loads the client (~3 MB of modules)
+
     try:
         found = registry.boards()
     except redis.RedisError as e:
