@@ -104,3 +104,18 @@ def test_reload_imports_fnbox_modules_again_before_new_workers(make_server):
     r = srv.get("/function/hello")
     assert r.status_code == 200 and r.text == "Hello World!", r.text
     assert master.num_threads() == 1
+
+
+def test_a_board_without_redis_never_loads_the_redis_client():
+    """The master imports every module a worker uses, and each stays in every process's memory: the Redis
+    client (with redis.asyncio, ~90 modules) belongs only to a server configured with FNBOX_REDIS_URL."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, gateway.app\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'rq', 'asyncio')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FNBOX_REDIS_URL"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
