@@ -173,3 +173,39 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_call_cannot_reach_the_zygote(make_server):
+    """A call (root's child, then a sandbox uid) is handed the zygote's socket path and tries to ask it for a fork
+    server of its own: the path is not in its file system view, and even where it were, its folder is 0700 root."""
+    srv = make_server(functions={"probe": PROBE}, workers=1).start()
+    (zygote,) = zygotes_of(srv)
+    (path,) = {c.laddr for c in zygote.net_connections("unix") if c.laddr}
+    forks = set(fork_servers(srv))
+    r = srv.request("POST", "/function/probe", data=path.encode())
+    assert r.status_code == 200, r.text
+    outcome = r.json()
+    assert outcome["connect"] in ("FileNotFoundError", "PermissionError"), outcome
+    assert outcome["folder"] in ("FileNotFoundError", "PermissionError"), outcome
+    assert set(fork_servers(srv)) == forks and "refused a connection" not in srv.read_log()
+
+
+PROBE = """
+import os, socket
+
+def main(request):
+    path = request.get_data(as_text=True)
+    out = {}
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(path)
+        out["connect"] = "connected"
+    except OSError as e:
+        out["connect"] = type(e).__name__
+    try:
+        os.listdir(os.path.dirname(path))
+        out["folder"] = "listed"
+    except OSError as e:
+        out["folder"] = type(e).__name__
+    return out
+"""
