@@ -72,7 +72,7 @@ HOG = """
             time.sleep(0.003)
 """
 FUNCTIONS = {"echo": ECHO, "binary": BINARY, "flaky": FLAKY, "raises": RAISES, "sleepy": SLEEPY,
-             "hangs": HANGS, "hangs_once": HANGS, "hog": HOG}
+             "sleepy_once": SLEEPY, "hangs": HANGS, "hangs_once": HANGS, "hog": HOG}
 BACKOFF_S = 1.0  # hangs' and hog's retry_backoff_s: well above the executor's 0.2 s poll of an idle queue
 PROFILES = {"functions.toml": """
     [flaky]
@@ -298,6 +298,31 @@ def test_kill_9_of_a_fnbox_worker_mid_call_retries_the_call(make_server):
         stop_worker(second)
     assert call["status"] == "done" and call["attempts"] == 2, call
     assert [a["outcome"] for a in call["attempt_log"]] == ["unavailable", "ok"]
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_mid_call_with_no_attempt_left_marks_the_call_failed(make_server):
+    """retries = 0: the runner killed mid-call leaves no attempt, so the call is failed as interrupted (recovered,
+    not left running for ever, and not run again by the worker that is there afterwards)."""
+    s = make_server(functions=FUNCTIONS, profiles=PROFILES, env={"FNBOX_ASYNC_CONCURRENCY": "0"}).start()
+    cid = enqueue(s.url, "sleepy_once?s=5")
+    first = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        wait_call(s.url, cid, states=("running",))
+    finally:
+        stop_worker(first, hard=True)
+    second = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        call = wait_call(s.url, cid, timeout=30)
+        later = enqueue(s.url, "echo")  # the second worker runs calls: had the call been queued again, it ran it
+        assert wait_call(s.url, later)["status"] == "done"
+    finally:
+        stop_worker(second)
+    assert call["status"] == "failed" and call["outcome"] == "unavailable", call
+    assert call["attempts"] == call["max_attempts"] == 1
+    assert [(a["outcome"], a["status"]) for a in call["attempt_log"]] == [("unavailable", 503)]
+    assert "stopped" in call["message"] and call["result"]["status"] == 503
+    assert requests.get(f"{s.url}/calls/{cid}", timeout=10).json() == call  # final: nothing ran it since
 
 
 @pytest.mark.parametrize("env, reason", [
