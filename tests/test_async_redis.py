@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import requests
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -68,6 +69,23 @@ def _worker_logs(server: Server) -> str:
     return "\n".join(out)
 
 
+def test_a_call_queued_by_the_board_is_run_by_a_fnbox_worker(board):
+    s, _ = board
+    worker = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        assert "queue redis" in _worker_logs(s)
+        cid = enqueue(s.url, "echo", data="from the board")
+        call = wait_call(s.url, cid)
+    finally:
+        stop_worker(worker)
+    assert call["status"] == "done" and call["attempts"] == 1, call
+    assert call["board"] == call["ran_on"] == "b1"
+    assert json.loads(call["result"]["body"]) == {"body": "from the board", "trigger": "async"}
+    hist = requests.get(f"{s.url}/admin/calls/{call['request_id']}", headers={"Authorization": f"Bearer {TOKEN}"},
+                        timeout=10).json()
+    assert hist["trigger"] == "async" and hist["outcome"] == "ok"  # the worker wrote the board's history
+
+
 class _OpensOnUnpickle:
     """Unpickling this object calls open(path, "w"): the file appears if anything unpickles the job's payload."""
 
@@ -112,3 +130,27 @@ def test_foreign_and_pickled_jobs_are_dropped_and_never_executed(board):
         assert "does not name" in _worker_logs(s) and "cannot be read" in _worker_logs(s)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_of_a_fnbox_worker_under_load_loses_no_accepted_call(board):
+    s, _ = board
+    ids = [enqueue(s.url, "slow?s=1", data=str(i)) for i in range(8)]  # retries = 2
+    first = start_worker(s, "--concurrency", "2", "--no-schedules")
+    try:
+        wait_for(lambda: any(requests.get(f"{s.url}/calls/{c}", timeout=10).json()["status"] == "running"
+                             for c in ids), 30, "the worker running a call")
+    finally:
+        stop_worker(first, hard=True)  # the worker, its fork server and its calls' processes
+    ids += [enqueue(s.url, "slow?s=0.1", data=str(i)) for i in range(4)]  # accepted while no worker runs
+    second = start_worker(s, "--concurrency", "2", "--no-schedules")
+    try:
+        calls = [wait_call(s.url, c, timeout=60) for c in ids]
+    finally:
+        stop_worker(second)
+    for c in calls:
+        assert c["status"] == "done" and c["result"]["body"] == "slow done", json.dumps(c, indent=1)
+    interrupted = [c for c in calls if c["attempt_log"][0]["outcome"] == "unavailable"]
+    assert interrupted, "the kill hit no running call"
+    for c in interrupted:
+        assert [a["outcome"] for a in c["attempt_log"]][-1] == "ok" and c["attempts"] >= 2
