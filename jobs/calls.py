@@ -30,19 +30,45 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (/proc/<pid>/stat field 22): fixed for the process's
+    life whatever the wall clock does. None where /proc cannot tell (not Linux), or the process is gone or a
+    zombie (dead, not yet reaped: it runs nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # Field 2 (comm) is in parentheses and may hold spaces and ')': count the fields after its last ')'.
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def owner_id(board: str) -> str:
-    """Who runs a claimed call: board, pid and the process's start time (a reused pid is another owner)."""
+    """Who runs a claimed call: board, pid and the process's start time (a reused pid is another owner).
+
+    board/pid/create_time/start_ticks. The start in clock ticks is what identifies the process: psutil's
+    create_time is boot time (derived from the wall clock now) plus the ticks, so it moves when the clock is
+    stepped (NTP, a VM resumed) and a live owner could look dead. create_time stays as the third part, readable by
+    people and by fnbox versions that knew only board/pid/create_time: those see four parts as another board's
+    owner and leave its call alone until its lease ends, never taking a live call for a dead one."""
     me = psutil.Process()
-    return f"{board}/{me.pid}/{me.create_time():.3f}"
+    ticks = start_ticks(me.pid)
+    return f"{board}/{me.pid}/{me.create_time():.3f}" + (f"/{ticks}" if ticks is not None else "")
 
 
 def owner_alive(owner: str, board: str) -> bool | None:
-    """True/False for an owner on this board (checked by pid and start time); None for another board's."""
+    """True/False for an owner on this board (checked by pid and start time); None for another board's.
+    An owner written as board/pid/create_time (older versions, or no /proc) is checked by create_time."""
     try:
-        b, pid, created = owner.rsplit("/", 2)
-        if b != board:
+        parts = owner.split("/")
+        if len(parts) not in (3, 4):
+            return False
+        if parts[0] != board:
             return None
-        return abs(psutil.Process(int(pid)).create_time() - float(created)) < 0.01
+        if len(parts) == 4:
+            return start_ticks(int(parts[1])) == int(parts[3])
+        return abs(psutil.Process(int(parts[1])).create_time() - float(parts[2])) < 0.01
     except (ValueError, psutil.Error):
         return False
 

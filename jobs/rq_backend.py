@@ -14,6 +14,7 @@ schedule tick), fnbox:marks (the last tick each schedule looked at), fnbox:alive
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -117,7 +118,12 @@ class RedisQueue:
             got = Queue.dequeue_any([self.q], timeout=1, connection=self.r, serializer=JSONSerializer)
         except redis.RedisError as e:
             raise QueueUnavailable(str(e)) from None
-        except Exception:  # a job that cannot be read as JSON: not ours; RQ left its id in the intermediate list
+        except Exception as e:  # a job RQ cannot even read (a malformed hash): not ours
+            job_id = getattr(e, "job_id", None)  # RQ names it; its id is in the intermediate list: drop it there
+            if isinstance(job_id, str):
+                print(f"fnbox: queue: dropped job {job_id}: it cannot be read as an fnbox job ({type(e).__name__})",
+                      file=sys.stderr)
+                self._guard(lambda: self._drop_job_id(job_id))
             return None
         if got is None:
             return None
@@ -156,13 +162,17 @@ class RedisQueue:
             (call_id,) = job.args
             return call_id if isinstance(call_id, str) and len(call_id) == 32 else None
         except Exception:
-            print(f"fnbox: queue: dropped job {job.id}: it does not name {FIXED_FUNCTION}(call_id)")
+            print(f"fnbox: queue: dropped job {job.id}: it does not name {FIXED_FUNCTION}(call_id)", file=sys.stderr)
             return None
 
     def _drop_job(self, job: Job) -> None:
+        self._drop_job_id(job.id)
+
+    def _drop_job_id(self, job_id: str) -> None:
+        """Removes a taken job from RQ's intermediate list (so maintain() never puts it back) and its hash."""
         with self.r.pipeline() as pipe:
-            pipe.lrem(IntermediateQueue(self.q.key, self.r).key, 1, job.id)
-            pipe.delete(job.key)
+            pipe.lrem(IntermediateQueue(self.q.key, self.r).key, 1, job_id)
+            pipe.delete(Job.key_for(job_id))
             pipe.execute()
 
     def update(self, c: Call, owner: str | None = None) -> bool:

@@ -63,14 +63,19 @@ def due(p: Profile, last: float, now: float) -> list[float]:
         n = int((now - first) // p.every) + 1 if now >= first else 0
         skip = max(0, n - MAX_TICKS)
         return [first + (skip + i) * p.every for i in range(n - skip)]
-    out: list[float] = []
-    t = last
-    while len(out) < MAX_TICKS * 10:
-        t = next_after(p, t)
-        if t > now:
+    # Backwards from now, so that after a long outage (a cron with seconds, a week of a per-minute one) the latest
+    # ticks are listed, as for `every`, and no pass walks through the whole gap.
+    from croniter import croniter
+
+    at_now = next_after(p, now - 1e-6)  # a tick at exactly `now` is due (get_prev gives those strictly before)
+    out = [at_now] if last < at_now <= now else []
+    it = croniter(p.schedule, datetime.fromtimestamp(now, _zone(p)))
+    while len(out) < MAX_TICKS:
+        t = float(it.get_prev(float))
+        if t <= last:
             break
         out.append(t)
-    return out[-MAX_TICKS:]
+    return out[::-1]
 
 
 def iso(p: Profile, t: float) -> str:

@@ -133,8 +133,13 @@ def _check_schedule_value(path: str, key: str, value: Any) -> Any:
     if key == "schedule":
         from croniter import croniter
 
-        if not isinstance(value, str) or not croniter.is_valid(value):
-            raise ProfileError(path, key, f'must be a cron line such as "0 7 * * *", not {value!r}')
+        # Five fields (minute hour day month weekday), or six with the second last ("* * * * * */15": every 15 s,
+        # croniter's order); croniter's seventh field (the year) is not accepted. Keywords such as "@daily" are.
+        fields = value.split() if isinstance(value, str) else []
+        if not (len(fields) in (5, 6) or (len(fields) == 1 and fields[0].startswith("@"))) \
+                or not croniter.is_valid(value):
+            raise ProfileError(path, key, f'must be a cron line such as "0 7 * * *" (five fields, or six with the '
+                                          f'seconds last: "* * * * * */15"), not {value!r}')
         return value
     if key == "timezone":
         import zoneinfo

@@ -88,8 +88,12 @@ def start_worker(server: Server, *args: str) -> subprocess.Popen:
     from tests.conftest import REPO
 
     log = open(server.log_path + f".worker-{time.monotonic_ns()}", "w+b")
-    proc = subprocess.Popen([os.path.join(REPO, ".venv", "bin", "fnbox"), "worker", *args], cwd=REPO, env=server.env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # This checkout's code, as the server's Gunicorn (which puts its cwd first): the venv's `fnbox` script alone
+    # imports whatever tree the venv was installed from (an editable install of another checkout or worktree).
+    path = os.pathsep.join(p for p in (REPO, server.env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([os.path.join(REPO, ".venv", "bin", "fnbox"), "worker", *args], cwd=REPO,
+                            env=dict(server.env, PYTHONPATH=path), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
     def ready() -> bool:
         log.seek(0)

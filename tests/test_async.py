@@ -54,7 +54,26 @@ SLEEPY = """
         time.sleep(float(request.args.get("s", "2")))
         return "slept"
 """
-FUNCTIONS = {"echo": ECHO, "binary": BINARY, "flaky": FLAKY, "raises": RAISES, "sleepy": SLEEPY}
+HANGS = """
+    import time
+
+    def main(request):
+        time.sleep(3600)
+"""
+# Touches every page it allocates, so its RSS grows until the memory limit ends it.
+HOG = """
+    import time
+
+    def main(request):
+        chunks = []
+        while True:
+            chunks.append(bytearray(1024 * 1024))
+            chunks[-1][::4096] = b"x" * 256
+            time.sleep(0.003)
+"""
+FUNCTIONS = {"echo": ECHO, "binary": BINARY, "flaky": FLAKY, "raises": RAISES, "sleepy": SLEEPY,
+             "sleepy_once": SLEEPY, "hangs": HANGS, "hangs_once": HANGS, "hog": HOG}
+BACKOFF_S = 1.0  # hangs' and hog's retry_backoff_s: well above the executor's 0.2 s poll of an idle queue
 PROFILES = {"functions.toml": """
     [flaky]
     retries = 2
@@ -69,6 +88,19 @@ PROFILES = {"functions.toml": """
     [sleepy]
     retries = 1
     retry_backoff_s = 0.05
+
+    [hangs]
+    timeout_s = 0.5
+    retries = 1
+    retry_backoff_s = 1.0
+
+    [hangs_once]
+    timeout_s = 0.5
+
+    [hog]
+    memory_mb = 32
+    retries = 1
+    retry_backoff_s = 1.0
 """}
 
 
@@ -168,6 +200,33 @@ def test_crashes_are_retried_then_dead_lettered_then_requeued(server):
     assert cid not in out.stdout
 
 
+@pytest.mark.parametrize("function, outcome, status", [("hangs", "timeout", 504), ("hog", "memory_limit", 502)])
+def test_timeouts_and_memory_limits_are_retried_after_the_backoff_then_dead_lettered(server, function, outcome,
+                                                                                      status):
+    """retries = 1: two attempts, the second not before retry_backoff_s after the first ended, then failed."""
+    cid = enqueue(server.url, function)
+    call = wait_call(server.url, cid)
+    assert call["status"] == "failed" and call["outcome"] == outcome, call
+    assert call["attempts"] == call["max_attempts"] == 2
+    log = call["attempt_log"]
+    assert [(a["attempt"], a["outcome"], a["status"]) for a in log] == [(1, outcome, status), (2, outcome, status)]
+    # The recorded times, not the test's clock: the retry was claimed only once its backoff had passed.
+    assert log[1]["started_at"] - log[0]["finished_at"] >= BACKOFF_S, log
+    assert call["result"]["status"] == status and json.loads(call["result"]["body"])["error"] == outcome
+    failed = _admin(server, "GET", "/admin/queue?state=failed").json()["calls"]
+    assert cid in [c["call_id"] for c in failed]
+
+
+def test_without_retries_a_timeout_is_one_attempt(server):
+    """retries defaults to 0: a timed out call is failed after its only attempt."""
+    cid = enqueue(server.url, "hangs_once")
+    call = wait_call(server.url, cid)
+    assert call["status"] == "failed" and call["outcome"] == "timeout", call
+    assert call["attempts"] == call["max_attempts"] == 1
+    assert [a["outcome"] for a in call["attempt_log"]] == ["timeout"]
+    assert "next_attempt_at" not in call
+
+
 def test_admin_queue_endpoints_need_the_token(server):
     assert_error(server.get("/admin/queue"), 401, "unauthorized", None)
     assert_error(server.request("POST", f"/admin/queue/{'a' * 32}/requeue"), 401, "unauthorized", None)
@@ -239,6 +298,31 @@ def test_kill_9_of_a_fnbox_worker_mid_call_retries_the_call(make_server):
         stop_worker(second)
     assert call["status"] == "done" and call["attempts"] == 2, call
     assert [a["outcome"] for a in call["attempt_log"]] == ["unavailable", "ok"]
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_mid_call_with_no_attempt_left_marks_the_call_failed(make_server):
+    """retries = 0: the runner killed mid-call leaves no attempt, so the call is failed as interrupted (recovered,
+    not left running for ever, and not run again by the worker that is there afterwards)."""
+    s = make_server(functions=FUNCTIONS, profiles=PROFILES, env={"FNBOX_ASYNC_CONCURRENCY": "0"}).start()
+    cid = enqueue(s.url, "sleepy_once?s=5")
+    first = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        wait_call(s.url, cid, states=("running",))
+    finally:
+        stop_worker(first, hard=True)
+    second = start_worker(s, "--concurrency", "1", "--no-schedules")
+    try:
+        call = wait_call(s.url, cid, timeout=30)
+        later = enqueue(s.url, "echo")  # the second worker runs calls: had the call been queued again, it ran it
+        assert wait_call(s.url, later)["status"] == "done"
+    finally:
+        stop_worker(second)
+    assert call["status"] == "failed" and call["outcome"] == "unavailable", call
+    assert call["attempts"] == call["max_attempts"] == 1
+    assert [(a["outcome"], a["status"]) for a in call["attempt_log"]] == [("unavailable", 503)]
+    assert "stopped" in call["message"] and call["result"]["status"] == 503
+    assert requests.get(f"{s.url}/calls/{cid}", timeout=10).json() == call  # final: nothing ran it since
 
 
 @pytest.mark.parametrize("env, reason", [

@@ -13,6 +13,8 @@ from datetime import datetime
 import pytest
 import requests
 
+from jobs import scheduler
+from runner.profiles import Profile
 from tests.asynckit import start_worker, stop_keeping_state, stop_worker, wait_for
 from tests.conftest import REPO
 
@@ -63,6 +65,48 @@ def test_every_tick_runs_exactly_once_across_workers_and_a_worker_process(make_s
     assert len({h["request_id"] for h in hist}) == len(hist) >= len(done)
 
 
+@pytest.mark.timeout(60)
+def test_a_cron_schedule_with_seconds_fires_its_ticks(make_server):
+    """A cron line (croniter, not `every`): six fields, the sixth the second, in a time zone. Each tick is a GET
+    with X-Fnbox-Trigger: schedule and its time in that zone, recorded in the history as a schedule call."""
+    toml = '[tick]\nschedule = "* * * * * */2"\ntimezone = "Asia/Tokyo"\n'
+    s = make_server(functions={"tick": TICK}, profiles={"functions.toml": toml},
+                    env={"FNBOX_ADMIN_TOKEN": TOKEN}).start()
+    wait_for(lambda: len([c for c in _schedule_calls(s) if c["status"] == "done"]) >= 2, 30, "two ticks done")
+    ticks = _ticks(s, "tick")
+    assert len(ticks) == len(set(ticks)), ticks
+    assert all(t == int(t) and int(t) % 2 == 0 for t in ticks), ticks  # the even seconds, as the line says
+    assert ticks == [ticks[0] + 2 * i for i in range(len(ticks))], ticks
+    done = [c for c in _schedule_calls(s) if c["status"] == "done"]
+    for c in done:
+        seen = json.loads(c["result"]["body"])
+        assert seen["method"] == "GET" and seen["trigger"] == "schedule"
+        assert seen["scheduled"].endswith("+09:00"), seen  # the schedule's time zone
+        assert datetime.fromisoformat(seen["scheduled"]).timestamp() == c["scheduled_for"]
+    hist = requests.get(f"{s.url}/admin/functions/tick/calls?limit=1000",
+                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()["calls"]
+    assert {c["call_id"] for c in done} <= {h["request_id"] for h in hist}
+    assert {h["trigger"] for h in hist} == {"schedule"}
+
+
+def test_cron_ticks_due_are_the_latest_and_found_without_walking_the_gap():
+    """due() of a cron line: the ticks in (last, now], at most MAX_TICKS of the latest even after a long outage
+    (a day of a per-second line), as for `every`; a tick at exactly `now` is due, one at `last` is not."""
+    p = Profile(schedule="* * * * * */2", timezone="Europe/Paris")
+    now = 1_800_000_000.0  # an even second
+    assert scheduler.due(p, now - 6, now) == [now - 4, now - 2, now]
+    assert scheduler.due(p, now - 6, now + 1.5) == [now - 4, now - 2, now]
+    assert scheduler.due(p, now, now + 1.9) == []
+    day = scheduler.due(p, now - 86400, now)
+    assert len(day) == scheduler.MAX_TICKS and day[-1] == now
+    assert day == [now - 2 * (scheduler.MAX_TICKS - 1 - i) for i in range(scheduler.MAX_TICKS)]
+    daily = Profile(schedule="0 7 * * *", timezone="Asia/Tokyo")  # 07:00 in Tokyo is 22:00 UTC
+    start = datetime.fromisoformat("2027-01-01T00:00:00+09:00").timestamp()
+    got = scheduler.due(daily, start, start + 3 * 86400)
+    assert [datetime.fromtimestamp(t, scheduler._zone(daily)).isoformat() for t in got] == [
+        "2027-01-01T07:00:00+09:00", "2027-01-02T07:00:00+09:00", "2027-01-03T07:00:00+09:00"]
+
+
 @pytest.mark.parametrize("catch_up", [False, True])
 @pytest.mark.timeout(90)
 def test_missed_ticks_are_skipped_or_caught_up_once(make_server, catch_up):
@@ -106,6 +150,8 @@ def test_fnbox_schedules_lists_the_next_runs(make_server):
 @pytest.mark.parametrize("table, reason", [
     ('every = "0.5s"', "every: must be a period"),
     ('schedule = "61 * * * *"', "schedule: must be a cron line"),
+    ('schedule = "0 7 * * * 0 2030"', "schedule: must be a cron line"),  # croniter's year field: not accepted
+    ('schedule = "* * * * * 61"', "schedule: must be a cron line"),
     ('schedule = "0 7 * * *"\ntimezone = "Mars/Olympus"', "timezone: must be an IANA time zone"),
     ('schedule = "0 7 * * *"\nevery = "1m"', "not both"),
     ("retries = -1", "retries: must be at least 0"),

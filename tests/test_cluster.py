@@ -101,14 +101,8 @@ class Cluster:
             self.boards.append(Server(functions=FUNCTIONS, profiles=PROFILES, env=env, threads=16))
         for b in self.boards:
             b.start()
-        self.nginx = Nginx(f"127.0.0.1:{self.boards[0].port}", self.boards[0].profiles_dir)
-        site = os.path.join(self.nginx.dir, "fnbox.conf")
-        with open(site) as f:
-            text = f.read()
-        servers = "\n".join(f"    server 127.0.0.1:{b.port} max_fails=1 fail_timeout=10s;" for b in self.boards)
-        text = re.sub(r"^\s*server 127\.0\.0\.1:\d+;", servers, text, count=1, flags=re.M)
-        with open(site, "w") as f:
-            f.write(text)
+        # One upstream listing the three boards, rendered by ops/render_nginx.py (max_fails=1 fail_timeout=10s).
+        self.nginx = Nginx([f"127.0.0.1:{b.port}" for b in self.boards], self.boards[0].profiles_dir)
         self.nginx.start()
         self.url = f"http://127.0.0.1:{self.nginx.port}"
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from ops.render_nginx import TEMPLATE, limits, render
+from ops.render_nginx import TEMPLATE, limits, main, render
 from tests.conftest import REPO, Server, free_port
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
@@ -71,7 +71,8 @@ FUNCTIONS = {
 class Nginx:
     """nginx -p <tmpdir> -c <tmpdir>/nginx.conf -g 'daemon off;' with the rendered fnbox site included."""
 
-    def __init__(self, upstream: str, profiles_dir: str) -> None:
+    def __init__(self, upstream: str | list[str], profiles_dir: str) -> None:
+        """upstream: one address, or several boards' (one `server` line each, with passive health checks)."""
         self.dir = tempfile.mkdtemp(prefix="fnbox-test-nginx-")
         self.port = free_port()
         max_kb, max_timeout = limits(profiles_dir)
@@ -102,6 +103,11 @@ class Nginx:
             f.write(main)
         self.proc: subprocess.Popen | None = None
         self.known: set[int] = set()
+
+    def check(self) -> subprocess.CompletedProcess:
+        """nginx -t on this configuration (the rendered site included): parsed and accepted by the real binary."""
+        return subprocess.run([NGINX, "-t", "-e", os.path.join(self.dir, "error.log"), "-p", self.dir, "-c", self.conf],
+                              capture_output=True, text=True, timeout=30)
 
     def start(self) -> Nginx:
         self.log = open(os.path.join(self.dir, "stderr.log"), "wb")
@@ -230,6 +236,54 @@ def test_render_refuses_unsafe_values_and_zero_body():
         render(template + "\nfoo @NOPE@;\n", "80", "127.0.0.1:8000")
     # 0 means "unlimited" to nginx: never render it.
     assert "client_max_body_size 1k;" in render(template, "80", "127.0.0.1:8000", max_request_kb=0)
+
+
+def test_render_several_boards_one_server_line_each_and_one_board_as_before(tmp_path):
+    with open(TEMPLATE) as f:
+        template = f.read()
+    boards = ["10.0.0.11:8000", "10.0.0.12:8000", "unix:/run/fnbox.sock"]
+    text = render(template, "80", boards, fail_timeout_s=7)
+    block = text[text.index("upstream fnbox_gunicorn {"):]
+    block = block[:block.index("}")]
+    assert [line.strip() for line in block.splitlines() if line.strip().startswith("server ")] == [
+        f"server {b} max_fails=1 fail_timeout=7s;" for b in boards]
+    assert "upstream=10.0.0.11:8000,10.0.0.12:8000,unix:/run/fnbox.sock," in text.splitlines()[0]
+    # One board: the same file as a plain address renders, `server ADDR;` (what ops/install writes).
+    one = render(template, "80", "127.0.0.1:8000")
+    assert render(template, "80", ["127.0.0.1:8000"]) == one
+    assert "\n    server 127.0.0.1:8000;\n" in one and "max_fails=" not in one
+    for bad in (["127.0.0.1:8000 backup"], ["a:1", "a:1"], [], ["a:1;include /etc/passwd"], ["a:1,"]):
+        with pytest.raises(ValueError):
+            render(template, "80", bad)
+    # The command line: --upstream repeated and comma lists, in order.
+    out = tmp_path / "site.conf"
+    assert main(["--upstream", "10.0.0.11:8000,10.0.0.12:8000", "--upstream", "10.0.0.13:8000", "--max-fails", "2",
+                 "--profiles", os.path.join(REPO, "sandbox_profiles"), "-o", str(out)]) == 0
+    assert [line.strip() for line in out.read_text().splitlines() if line.strip().startswith("server 10.")] == [
+        f"server 10.0.0.1{i}:8000 max_fails=2 fail_timeout=10s;" for i in (1, 2, 3)]
+    assert main(["--upstream", "10.0.0.11:8000 down", "-o", str(tmp_path / "no.conf")]) == 2
+    assert not (tmp_path / "no.conf").exists()
+
+
+def test_several_boards_rendered_pass_nginx_t():
+    """The real nginx parses and accepts the rendered site with three boards (and, as a control, refuses a file
+    whose upstream line is broken)."""
+    _need_nginx()
+    ports = [free_port() for _ in range(3)]
+    n = Nginx([f"127.0.0.1:{p}" for p in ports], os.path.join(REPO, "sandbox_profiles"))
+    try:
+        ok = n.check()
+        assert ok.returncode == 0, ok.stderr
+        site = os.path.join(n.dir, "fnbox.conf")
+        with open(site) as f:
+            text = f.read()
+        assert text.count(" max_fails=1 fail_timeout=10s;") == 3
+        with open(site, "w") as f:
+            f.write(text.replace(" max_fails=1 fail_timeout=10s;", " max_fails=1 fail_timeout=10s", 1))
+        bad = n.check()
+        assert bad.returncode != 0 and "fnbox.conf" in bad.stderr, bad.stderr
+    finally:
+        n.stop()
 
 
 # --- through nginx --------------------------------------------------------------------------------------------
