@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from gateway.sqlite_wal import connect_wal
+from gateway.sqlite_wal import CACHE_KIB, connect_wal
 
 
 def _open(path: str, go: multiprocessing.synchronize.Event, out: multiprocessing.Queue) -> None:
@@ -33,3 +33,14 @@ def test_many_processes_open_a_new_database_at_once(tmp_path):
         for p in procs:
             p.join(10)
         assert results == ["wal"] * len(procs), results
+
+
+def test_a_connection_keeps_a_small_page_cache(tmp_path):
+    """The history, queue and console connections live as long as their worker (the queue's, one per request
+    thread): each one's page cache is bounded, not SQLite's 2 MB default."""
+    db = connect_wal(str(tmp_path / "x.sqlite3"), 2.0, "NORMAL")
+    try:
+        assert db.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
