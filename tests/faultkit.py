@@ -64,35 +64,28 @@ def alive(pid: int) -> bool:
 ZYGOTE_NAME = "fnbox-zygote"  # runner/zygote.py names its processes so
 
 
-def workers_of(srv: Server) -> list[psutil.Process]:
-    """The Gunicorn workers: the master's children but its fork-server zygote(s)."""
+def _master_children(srv: Server) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """The master's children: (Gunicorn workers, fork-server zygotes)."""
     try:
         children = psutil.Process(srv.proc.pid).children()
     except psutil.NoSuchProcess:
-        return []
-    out = []
+        return [], []
+    workers, zygotes = [], []
     for c in children:
         try:
-            if c.name() != ZYGOTE_NAME:
-                out.append(c)
+            (zygotes if c.name() == ZYGOTE_NAME else workers).append(c)
         except psutil.Error:
             pass
-    return out
+    return workers, zygotes
+
+
+def workers_of(srv: Server) -> list[psutil.Process]:
+    """The Gunicorn workers: the master's children but its fork-server zygote(s)."""
+    return _master_children(srv)[0]
 
 
 def zygotes_of(srv: Server) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(srv.proc.pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for c in children:
-        try:
-            if c.name() == ZYGOTE_NAME:
-                out.append(c)
-        except psutil.Error:
-            pass
-    return out
+    return _master_children(srv)[1]
 
 
 def fork_servers(srv: Server) -> dict[int, int]:

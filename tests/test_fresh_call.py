@@ -137,6 +137,10 @@ t.start()
 print(rawfork.usable())  # a second thread: os.fork() from now on
 stop.set()
 t.join()
+# join() returns when the thread's Python work is over; the kernel drops its task a moment later.
+deadline = time.monotonic() + 10
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.001)
 print(rawfork.usable())
 os.register_at_fork(after_in_child=lambda: None)  # a library's own hook: raw fork would skip it
 print(rawfork.usable())
