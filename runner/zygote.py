@@ -224,13 +224,16 @@ class _ZygoteLoop:
         sel.register(self.listener, selectors.EVENT_READ, "accept")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         until: float | None = None
-        while until is None or (self.children and time.monotonic() < until):
-            if self.stopping and until is None:
-                # The master is gone or replaced: no new fork server; the running ones end with their workers.
-                sel.unregister(self.listener)
-                self.listener.close()
-                self.listener = None
-                until = time.monotonic() + LINGER_S
+        while True:
+            if self.stopping:
+                if until is None:
+                    # The master is gone or replaced: no new fork server; the running ones end with their workers.
+                    sel.unregister(self.listener)
+                    self.listener.close()
+                    self.listener = None
+                    until = time.monotonic() + LINGER_S
+                if not self.children or time.monotonic() >= until:
+                    return
             for key, _ in sel.select(1.0 if until is not None else None):
                 if key.data == "accept" and self.listener is not None:
                     self._accept()
