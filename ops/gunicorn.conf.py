@@ -136,10 +136,8 @@ def _start_zygote(server, settings):
     if not settings.zygote:
         server.log.info("fnbox: fork-server zygote off (FNBOX_ZYGOTE=0): each worker starts its own fork server")
         return
-    from runner.config import REPO_ROOT
-
     try:
-        server.fnbox_zygote = Zygote(settings.python, REPO_ROOT)
+        server.fnbox_zygote = Zygote(settings.python)
     except OSError as e:
         server.log.warning("fnbox: cannot start the fork-server zygote (%r); each worker starts its own", e)
         return

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def runner_env() -> dict[str, str]:
+    """The whole environment of a process started to fork calls (a fork server, the zygote): no FNBOX_* variable
+    and no secret; the settings follow over its socket."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": REPO_ROOT,
+            "PYTHONDONTWRITEBYTECODE": "1"}
 SLOT_REGISTRY = "/run/fnbox-slots"  # as root; see Settings.slot_registry
 _CGROUP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

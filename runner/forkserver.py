@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import psutil
 
-from runner import fsview, heap, instances, outcomes, preload, rawfork
+from runner import fsview, heap, instances, outcomes, preload, rawfork, wakeup
 from runner.config import Settings
 from runner.outcomes import ExitCode, Outcome
 from runner.profiles import Profile
@@ -142,11 +142,7 @@ class ForkServer:
         from runner import child
 
         child.warm()
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        os.set_blocking(wake_r, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        wake_r, _ = wakeup.install()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.wake_r = wake_r
@@ -169,10 +165,7 @@ class ForkServer:
                     elif key.data == "instance":  # performance hook: a warm instance finished its call
                         self.instances.on_message(key.fileobj)
                     else:
-                        try:
-                            os.read(wake_r, 4096)
-                        except BlockingIOError:
-                            pass
+                        wakeup.drain(wake_r)
                 self._reap()
                 self._settle()
                 self._check_limits()
@@ -318,8 +311,7 @@ class ForkServer:
             return pid
         code = ExitCode.SETUP_FAILED
         try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            wakeup.uninstall()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self.sock.close()
             ret = body()

@@ -24,15 +24,19 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """Whether the C library took mallopt(param, value) (glibc only)."""
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(param, value))
+
+
 def limit_arenas(arenas: int) -> bool:
     """mallopt(M_ARENA_MAX, arenas), before any thread exists; whether the C library took it."""
-    libc = _libc()
-    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_ARENA_MAX, arenas))
+    return _mallopt(_M_ARENA_MAX, arenas)
 
 
 def mmap_threshold(nbytes: int) -> bool:
     """mallopt(M_MMAP_THRESHOLD, nbytes): blocks of this size and more get their own mapping, returned to the
     kernel when freed. glibc's threshold starts at 128 KiB and rises to the largest block freed, after which
     big request and response buffers come from the heap and stay there once freed; whether it took it."""
-    libc = _libc()
-    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    return _mallopt(_M_MMAP_THRESHOLD, nbytes)

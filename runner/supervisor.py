@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner import outcomes, zygote
-from runner.config import REPO_ROOT, Settings
+from runner.config import REPO_ROOT, Settings, runner_env
 from runner.instances import profile_digest
 from runner.preload import PreloadTracker
 from runner.profiles import Profile
@@ -156,14 +156,11 @@ class _ForkServerProcess:
 
     def __init__(self, settings: Settings) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # No FNBOX_* variable and no secret: the settings follow as the first control message.
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": REPO_ROOT,
-               "PYTHONDONTWRITEBYTECODE": "1"}
         try:
             # Forked by the server's zygote (shares its warm image), or, without one, a process of its own.
             self.proc: subprocess.Popen | zygote.ForkedServer = zygote.fork(child.fileno()) or subprocess.Popen(
                 [settings.python, "-m", "runner.forkserver", str(child.fileno())],
-                pass_fds=(child.fileno(),), env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                pass_fds=(child.fileno(),), env=runner_env(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                 stdout=sys.stderr, start_new_session=True, close_fds=True,
             )
         finally:

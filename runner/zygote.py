@@ -26,6 +26,7 @@ zygote saves memory and restart time, nothing depends on it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -40,6 +41,8 @@ import tempfile
 import threading
 import time
 
+from runner import wakeup
+from runner.config import REPO_ROOT, runner_env
 from runner.protocol import recv_msg, send_msg
 from runner.sandbox import PR_SET_PDEATHSIG, prctl
 
@@ -48,37 +51,37 @@ CONNECT_TIMEOUT = 15.0  # the zygote's warm-up (~0.4 s) happens while the first 
 ACCEPT_TIMEOUT = 2.0  # a connected peer that sends nothing must not stall the zygote
 LINGER_S = 120.0
 PR_SET_NAME = 15
+ZYGOTE_NAME = "fnbox-zygote"  # the process names ps shows (what tests and the benchmark tell roles apart by)
+FORK_SERVER_PREFIX = "fnbox-fs:"  # + the worker's pid
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def _set_name(name: str) -> None:
     """The process name ps and /proc/<pid>/comm show (15 bytes): the zygote and each worker's fork server are
-    told apart by it, since they share one command line."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    told apart by it, since they share one command line. A name is a label: failing to set one changes nothing."""
     buf = ctypes.create_string_buffer(name.encode()[:15])
-    libc.prctl(PR_SET_NAME, buf, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    with contextlib.suppress(OSError):
+        prctl(PR_SET_NAME, ctypes.addressof(buf))
 
 
 def fork_server_name(worker_pid: int) -> str:
-    return f"fnbox-fs:{worker_pid}"
+    return f"{FORK_SERVER_PREFIX}{worker_pid}"
 
 
 # -- the master's side -------------------------------------------------------------------------------------
 class Zygote:
     """The master's handle: starts the zygote process, and ends it (SIGTERM, wait, bounded)."""
 
-    def __init__(self, python: str, repo_root: str) -> None:
+    def __init__(self, python: str) -> None:
         self.dir = tempfile.mkdtemp(prefix="fnbox-zygote-")  # 0700: only this uid reaches the socket
         self.path = os.path.join(self.dir, "sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             listener.bind(self.path)
             listener.listen(64)
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": repo_root,
-                   "PYTHONDONTWRITEBYTECODE": "1"}
             self.proc = subprocess.Popen(
                 [python, "-m", "runner.zygote", str(listener.fileno()), str(os.getpid())],
-                pass_fds=(listener.fileno(),), env=env, cwd=repo_root, stdin=subprocess.DEVNULL,
+                pass_fds=(listener.fileno(),), env=runner_env(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                 stdout=sys.stderr, start_new_session=True, close_fds=True,
             )
         except BaseException:
@@ -157,9 +160,6 @@ class ForkedServer:
             select.select([self._pidfd], [], [], timeout)
         return -1
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def kill(self) -> None:
         if self._pidfd >= 0 and self.returncode is None:
             try:
@@ -209,11 +209,7 @@ class _ZygoteLoop:
         self.uid = os.geteuid()
 
     def run(self) -> None:
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        wake_r, wake_w = wakeup.install()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in `make run` reaches the master, which ends us
         self.wake = (wake_r, wake_w)
@@ -238,10 +234,7 @@ class _ZygoteLoop:
                 if key.data == "accept" and self.listener is not None:
                     self._accept()
                 else:
-                    try:
-                        os.read(wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                    wakeup.drain(wake_r)
             self._reap()
 
     def _on_term(self, *_: object) -> None:
@@ -280,8 +273,7 @@ class _ZygoteLoop:
     def _become_fork_server(self, conn: socket.socket, control_fd: int, worker_pid: int) -> None:
         code = 70
         try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            wakeup.uninstall()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             for fd in self.wake:
@@ -329,7 +321,7 @@ class _ZygoteLoop:
 def main(argv: list[str]) -> None:
     listener = socket.socket(fileno=int(argv[1]))
     master = int(argv[2])
-    _set_name("fnbox-zygote")
+    _set_name(ZYGOTE_NAME)
     # What every fork server would import, warm and compile first, once for all of them (runner/forkserver.py
     # serve(), runner/sandbox.py probe_layers()): done after the fork, each fork server would copy the pages it
     # writes (the syscall filter's compilation alone, libseccomp and its binding, copied ~4 MB per fork server).
