@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import memstats
 import psutil
 from run import OPT_SERVER, gunicorn_settings, prepare_workdir, start_server
 from servers import stop, wait_http_ok, wait_quiet
@@ -23,17 +24,7 @@ from servers import stop, wait_http_ok, wait_quiet
 
 def _role(p: psutil.Process, master: int) -> str:
     try:
-        cmd = " ".join(p.cmdline())
-        if p.pid == master:
-            return "master"
-        if p.name() == "fnbox-zygote":
-            return "zygote"
-        if p.ppid() == master:
-            return "worker"
-        parent = psutil.Process(p.ppid())
-        if parent.name() == "fnbox-zygote" or ("runner.forkserver" in cmd and parent.ppid() == master):
-            return "forkserver"
-        return "instance/child"
+        return memstats.role(p, master)
     except psutil.Error:
         return "gone"
 

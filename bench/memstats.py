@@ -13,6 +13,7 @@ private to a process) over the processes that appeared for the calls: what each 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 import psutil
 import requests
 from servers import Server
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for runner/
+from runner.zygote import FORK_SERVER_PREFIX, ZYGOTE_NAME  # noqa: E402  (the names it gives its processes)
 
 MB = 1024 * 1024
 
@@ -127,15 +131,16 @@ class ProcessMemory:
 
 
 def _is_fork_server_family(proc: psutil.Process) -> bool:
-    """A fork server or one of its children: forked by the zygote (named fnbox-fs:<worker>, runner/zygote.py) or
-    started by its worker (FNBOX_ZYGOTE=0: `python -m runner.forkserver`)."""
-    return proc.name().startswith("fnbox-fs:") or "runner.forkserver" in " ".join(proc.cmdline())
+    """A fork server or one of its children: forked by the zygote (named FORK_SERVER_PREFIX + the worker's pid)
+    or started by its worker (FNBOX_ZYGOTE=0: `python -m runner.forkserver`)."""
+    return proc.name().startswith(FORK_SERVER_PREFIX) or "runner.forkserver" in " ".join(proc.cmdline())
 
 
-def _role(proc: psutil.Process, master: int) -> str:
+def role(proc: psutil.Process, master: int) -> str:
+    """master, zygote, worker, fork server, spare/call (a fork server's child: a spare, call or warm instance)."""
     if proc.pid == master:
         return "master"
-    if proc.name() == "fnbox-zygote":
+    if proc.name() == ZYGOTE_NAME:
         return "zygote"
     if _is_fork_server_family(proc):
         parent = proc.parent()
@@ -150,7 +155,7 @@ def breakdown(master_pid: int) -> list[ProcessMemory]:
     for p in [master, *master.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             m = p.memory_full_info()
-            out.append(ProcessMemory(p.pid, _role(p, master_pid), p.num_threads(), m.pss, m.uss, m.rss))
+            out.append(ProcessMemory(p.pid, role(p, master_pid), p.num_threads(), m.pss, m.uss, m.rss))
     return out
 
 

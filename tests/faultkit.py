@@ -17,11 +17,14 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
 import tests.conftest as conftest
 from runner.config import Settings
+from runner.zygote import FORK_SERVER_PREFIX, ZYGOTE_NAME
 from tests.conftest import Server
 
 
@@ -54,6 +57,16 @@ def follow(uid_base: int, scratch: str) -> None:
     conftest.SCRATCH = scratch
 
 
+def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """Polls cond() until it is truthy (returned) or the timeout passes (returns the last falsy value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -61,7 +74,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-ZYGOTE_NAME = "fnbox-zygote"  # runner/zygote.py names its processes so
 
 
 def _master_children(srv: Server) -> tuple[list[psutil.Process], list[psutil.Process]]:
@@ -90,8 +102,8 @@ def zygotes_of(srv: Server) -> list[psutil.Process]:
 
 def fork_servers(srv: Server) -> dict[int, int]:
     """fork server pid -> its worker's pid. A fork server is forked by the server's zygote and named
-    fnbox-fs:<worker pid> (runner/zygote.py), or, without a zygote, it is its worker's own root child running
-    runner.forkserver. Their own children, calls and spares, are not fork servers."""
+    FORK_SERVER_PREFIX + the worker's pid (runner/zygote.py), or, without a zygote, it is its worker's own root
+    child running runner.forkserver. Their own children, calls and spares, are not fork servers."""
     out = {}
     for z in zygotes_of(srv):
         try:
@@ -101,7 +113,7 @@ def fork_servers(srv: Server) -> dict[int, int]:
         for c in children:
             try:
                 name = c.name()
-                if c.uids().real == 0 and name.startswith("fnbox-fs:"):
+                if c.uids().real == 0 and name.startswith(FORK_SERVER_PREFIX):
                     out[c.pid] = int(name.split(":", 1)[1])
             except (psutil.Error, ValueError):
                 pass

@@ -42,6 +42,7 @@ from tests.faultkit import (
     fork_servers,
     isolated_env,
     make_scratch_dir,
+    wait_for,
     workers_of,
 )
 
@@ -114,16 +115,6 @@ def start(make_server: Callable[..., Server], iso: dict[str, str], workers: int 
     kw.setdefault("functions", FUNCTIONS)
     kw.setdefault("profiles", PROFILES)
     return make_server(workers=workers, threads=threads, env={**iso, **(env or {})}, **kw).start()
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    """Polls cond() until it is truthy (returned) or the timeout passes (returns the last falsy value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def timed_get(srv: Server, path: str, timeout: float = 60, **kw: Any) -> tuple[float, requests.Response]:

@@ -12,23 +12,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import psutil
 
-from tests.faultkit import fork_servers, workers_of, zygotes_of
+from tests.faultkit import alive, fork_servers, wait_for, workers_of, zygotes_of
 
 HELLO = {"hello": "def main(request):\n    return 'Hello World!'\n"}
-
-
-def _wait_for(cond, timeout: float = 15.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    return cond()
 
 
 def _calls_ok(srv, n: int = 6) -> None:
@@ -47,7 +36,7 @@ def _healthz_pids(srv, workers: int) -> dict[int, int]:
             seen[h["worker_pid"]] = h["fork_server_pid"]
         return len(seen) == workers
 
-    assert _wait_for(poll, 20, 0.01), seen
+    assert wait_for(poll, 20), seen
     return seen
 
 
@@ -84,9 +73,9 @@ def test_a_killed_fork_server_is_forked_again_by_the_zygote(make_server):
     (zygote,) = zygotes_of(srv)
     (old,) = fork_servers(srv)
     os.kill(old, signal.SIGKILL)
-    new = _wait_for(lambda: [fs for fs in fork_servers(srv) if fs != old])
+    new = wait_for(lambda: [fs for fs in fork_servers(srv) if fs != old], 15)
     assert new and psutil.Process(new[0]).ppid() == zygote.pid
-    assert _wait_for(lambda: srv.get("/healthz").json()["fork_server_pid"] == new[0])
+    assert wait_for(lambda: srv.get("/healthz").json()["fork_server_pid"] == new[0], 15)
     _calls_ok(srv)
     assert "this worker starts its own" not in srv.read_log()
 
@@ -101,7 +90,7 @@ def test_without_a_zygote_each_worker_starts_its_own_fork_server(make_server):
     _calls_ok(srv, 2)  # the running fork server is not affected
     os.kill(fs, signal.SIGKILL)
     (worker,) = workers_of(srv)
-    own = _wait_for(lambda: [f for f, w in fork_servers(srv).items() if f != fs])
+    own = wait_for(lambda: [f for f, w in fork_servers(srv).items() if f != fs], 15)
     assert own and psutil.Process(own[0]).ppid() == worker.pid
     _calls_ok(srv)
     assert "fork-server zygote cannot be reached" in srv.read_log()
@@ -126,9 +115,9 @@ def test_a_reload_starts_a_new_zygote_and_the_old_one_ends(make_server):
         ws = {w.pid for w in workers_of(srv)}
         return zs and ws and not ws & old_workers and not psutil.pid_exists(old.pid) and zs[0]
 
-    new = _wait_for(reloaded, 30)
+    new = wait_for(reloaded, 30)
     assert new, (zygotes_of(srv), workers_of(srv), psutil.pid_exists(old.pid))
-    forks = _wait_for(lambda: fork_servers(srv))
+    forks = wait_for(lambda: fork_servers(srv), 15)
     assert [psutil.Process(f).ppid() for f in forks] == [new.pid], srv.read_log()[-3000:]
     _calls_ok(srv)
     assert "this worker starts its own" not in srv.read_log()
@@ -165,14 +154,7 @@ def test_the_zygote_ends_with_the_server_even_when_the_master_is_killed(make_ser
     tree = [zygote.pid, *fork_servers(srv), *(w.pid for w in workers_of(srv))]
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait(10)
-    assert _wait_for(lambda: not any(_alive(p) for p in tree), 30), [p for p in tree if _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert wait_for(lambda: not any(alive(p) for p in tree), 30), [p for p in tree if alive(p)]
 
 
 def test_a_call_cannot_reach_the_zygote(make_server):
