@@ -42,6 +42,9 @@ from runner.protocol import (
 START_TIMEOUT = 15.0  # importing Flask on a cold disk can be slow; a healthy start takes ~0.3 s
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # backoff between attempts to start a fork server that failed to start
 GRACE = 2.0  # beyond the function's own timeout, for the fork server to kill, reap and report
+# Below glibc's mmap threshold (64 KiB, set by ops/gunicorn.conf.py): os.read() allocates its buffer at full size
+# first, and a 128 KiB buffer was an mmap, a munmap and an mremap per read, several reads per call.
+READ_CHUNK = 60 * 1024
 
 
 class Unavailable(Exception):
@@ -514,7 +517,7 @@ class _CallIO:
 
     def _read_result(self) -> None:
         try:
-            chunk = os.read(self.res_r, 1 << 17)
+            chunk = os.read(self.res_r, READ_CHUNK)
         except BlockingIOError:
             return
         if chunk:
@@ -529,7 +532,7 @@ class _CallIO:
 
     def _read_output(self) -> None:
         try:
-            chunk = os.read(self.out_r, 1 << 17)
+            chunk = os.read(self.out_r, READ_CHUNK)
         except BlockingIOError:
             return
         if not chunk:
