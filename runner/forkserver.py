@@ -159,6 +159,8 @@ class ForkServer:
         try:
             while self.running:
                 events = sel.select(self.instances.timeout(self._timeout()))
+                if len(events) > 1:  # warm instances' "done" reports before the calls that may reuse them
+                    events.sort(key=lambda e: e[0].data != "instance")
                 for key, _ in events:
                     if key.data == "control":
                         self._on_control()
