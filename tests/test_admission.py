@@ -3,9 +3,12 @@ that place taken meanwhile by another worker is never granted twice."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from gateway.admission import Busy, ConcurrencyLimiter
+from tests.faultkit import wait_for
 
 
 def test_a_place_freed_here_and_taken_by_another_worker_is_not_granted_twice(tmp_path):
@@ -48,25 +51,45 @@ def test_a_place_freed_between_the_scan_and_the_ending_check_is_granted(tmp_path
     ticket.release()
 
 
-def test_a_worker_full_only_of_ending_calls_waits_for_them(tmp_path, monkeypatch):
+def test_a_worker_full_only_of_ending_calls_waits_for_them(tmp_path):
     """The worker's own cap, like a function's, waits (bounded) for calls that answered and are ending instead
     of answering 503: a client's next request comes as soon as its previous call answered (the soak's 8 clients
     on one worker saw `this worker already has 14 calls in flight`)."""
-    from gateway import admission
-
     limiter = ConcurrencyLimiter(str(tmp_path), max_calls=10, worker_max=1)
     ending = limiter.admit("f", 5)
     ending.answered()
-    waited = []
+    got = _admit_while_ending(limiter, "g", 5, ending)
+    assert got is not None
+    got.release()
 
-    def pause() -> None:  # the newcomer waits: the ending call's processes are gone meanwhile
-        waited.append(1)
-        ending.release()
 
-    monkeypatch.setattr(admission, "_pause", pause)
-    ticket = limiter.admit("g", 5)
-    assert waited
-    ticket.release()
+def _admit_while_ending(limiter: ConcurrencyLimiter, name: str, limit: int, ending) -> object:
+    """admit() in a thread that finds every place taken by an ending call; once it waits, the call ends. Returns
+    its Ticket, or None if it was still waiting 10 s later."""
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(limiter.admit(name, limit)), daemon=True)
+    t.start()
+    assert wait_for(lambda: limiter._releases.waiting == 1, 10), "the newcomer did not wait"
+    ending.release()
+    t.join(10)
+    return out[0] if out else None
+
+
+@pytest.mark.parametrize("cap", ["function", "worker"])
+def test_a_waiting_newcomer_is_woken_by_the_release_not_a_poll(tmp_path, monkeypatch, cap):
+    """A place freed by this worker lets its waiting newcomer in at once: with the poll between attempts
+    stretched to 60 s, the newcomer still gets in (a 5 ms sleep per attempt cost every back-to-back call of a
+    full function up to 5 ms)."""
+    from gateway import admission
+
+    monkeypatch.setattr(admission, "_POLL", 60.0)
+    monkeypatch.setattr(admission, "FINISHING_WAIT", 120.0)
+    limiter = ConcurrencyLimiter(str(tmp_path), max_calls=10, worker_max=1 if cap == "worker" else None)
+    ending = limiter.admit("f", 1)
+    ending.answered()
+    got = _admit_while_ending(limiter, "f" if cap == "function" else "g", 1, ending)
+    assert got is not None, "the newcomer slept through the release"
+    got.release()
 
 
 def test_a_worker_full_of_running_calls_is_busy_at_once(tmp_path):
