@@ -4,7 +4,8 @@ with the seed: a profiling aid for docs/performance.md, not part of `make bench`
 Usage: .venv/bin/python bench/cpu_per_call.py [--seconds S] [--connections C] [--threads T] [--keep]
                                                [--servers seed,fnbox-opt]
 Runs wrk against GET /function/hello for S seconds per server and prints, per role, CPU ms per answered call
-(process CPU times before and after, children reaped by a process counted to it), and req/s.
+(process CPU times before and after, children reaped by a process counted to it; user and system apart), and
+req/s.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def _role(p: psutil.Process, master: int) -> str:
         return "gone"
 
 
-def _snapshot(root: psutil.Process) -> dict[int, tuple[str, float]]:
+def _snapshot(root: psutil.Process) -> dict[int, tuple[str, float, float]]:
     out = {}
     for p in [root, *root.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            out[p.pid] = (_role(p, root.pid), t.user + t.system + t.children_user + t.children_system)
+            out[p.pid] = (_role(p, root.pid), t.user + t.children_user, t.system + t.children_system)
         except psutil.Error:
             pass
     return out
@@ -60,13 +61,19 @@ def measure(server, seconds: float, connections: int) -> None:
     del wrk_ps
     if not n:
         print(out)
-    by_role: dict[str, float] = {}
-    for pid, (role, cpu) in after.items():
-        by_role[role] = by_role.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+    by_role: dict[str, list[float]] = {}
+    for pid, (role, user, system) in after.items():
+        _, user0, system0 = before.get(pid, (role, 0.0, 0.0))
+        acc = by_role.setdefault(role, [0.0, 0.0])
+        acc[0] += user - user0
+        acc[1] += system - system0
+    per = 1000 / max(n, 1)
     print(f"{server.name}: {n} calls, {n / wall:.0f} req/s at {connections} connections")
-    for role, cpu in sorted(by_role.items()):
-        print(f"  {role:16s} {cpu * 1000 / max(n, 1):6.3f} ms CPU per call")
-    print(f"  {'total':16s} {sum(by_role.values()) * 1000 / max(n, 1):6.3f} ms CPU per call")
+    for role, (user, system) in sorted(by_role.items()):
+        print(f"  {role:16s} {(user + system) * per:6.3f} ms CPU per call "
+              f"(user {user * per:.3f}, system {system * per:.3f})")
+    total = sum(u + s for u, s in by_role.values())
+    print(f"  {'total':16s} {total * per:6.3f} ms CPU per call")
 
 
 def main() -> None:
@@ -83,7 +90,7 @@ def main() -> None:
     servers = [start_server(name, paths, settings) for name in args.servers.split(",")]
     try:
         for s in servers:
-            wait_http_ok(s, "/function/hello" if s.name == "seed" else "/healthz")
+            wait_http_ok(s, "/healthz" if s.name.startswith("fnbox") else "/function/hello")
         for s in servers:
             measure(s, args.seconds, args.connections)
         if args.keep:
