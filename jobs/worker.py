@@ -290,7 +290,7 @@ class Executor:
         """Calls RUNNING under an owner that is gone (its process died: kill -9, a crash, a restart) or whose lease
         ran out (another board that stopped answering): retried if attempts remain, else failed."""
         now = time.time()
-        n = 0
+        changed: list[str] = []  # modify() returns the call whether or not fn changed it
         for c in self.queue.running():
             alive = owner_alive(c.owner or "", self.js.board)
             if alive is None and hasattr(self.queue, "owner_alive"):
@@ -307,6 +307,7 @@ class Executor:
                                       "started_at": x.started, "finished_at": now, "outcome": outcomes.UNAVAILABLE,
                                       "status": 503, "message": msg})
                 x.outcome, x.message, x.owner, x.lease_until = outcomes.UNAVAILABLE, msg, None, None
+                changed.append(x.id)
                 if x.attempts < x.max_attempts:
                     x.state, x.run_at = QUEUED, now
                 else:
@@ -316,9 +317,8 @@ class Executor:
                         x.callback = {"state": CB_PENDING, "attempts": 0, "next_at": now}
                 return True
 
-            if self.queue.modify(c.id, interrupted) is not None:
-                n += 1
-        return n
+            self.queue.modify(c.id, interrupted)
+        return len(changed)
 
     def _idle_callbacks(self) -> bool:
         """Delivers one due callback; True when there was none (the upkeep loop then sleeps)."""

@@ -145,7 +145,6 @@ class ForkServer:
         wake_r, _ = wakeup.install()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.wake_r = wake_r
         self.data_base = data_usage()
         gc.collect()
         gc.freeze()  # children then never touch (copy) the inherited objects' GC headers

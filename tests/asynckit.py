@@ -14,6 +14,21 @@ import requests
 from tests.conftest import Server
 
 FINAL = ("done", "failed")
+# Functions the queue tests share: one echoes the body and the trigger header; one sleeps ?s= seconds.
+ECHO_FUNCTION = """
+    def main(request):
+        return {"body": request.get_data().decode(), "trigger": request.headers.get("X-Fnbox-Trigger")}
+"""
+
+
+def slow_function(default_s: float) -> str:
+    return f"""
+    import time
+
+    def main(request):
+        time.sleep(float(request.args.get("s", "{default_s:g}")))
+        return "slow done"
+"""
 
 
 def board_uid_base(i: int) -> int:

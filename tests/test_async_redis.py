@@ -19,25 +19,13 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs.rq_backend import FIXED_FUNCTION, QUEUE_NAME
-from tests.asynckit import enqueue, start_worker, stop_worker, wait_call, wait_for
+from tests.asynckit import ECHO_FUNCTION, enqueue, slow_function, start_worker, stop_worker, wait_call, wait_for
 from tests.conftest import Server
 from tests.rediskit import RedisServer
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
 TOKEN = "redis-worker-test-token"
-FUNCTIONS = {
-    "echo": """
-        def main(request):
-            return {"body": request.get_data().decode(), "trigger": request.headers.get("X-Fnbox-Trigger")}
-    """,
-    "slow": """
-        import time
-
-        def main(request):
-            time.sleep(float(request.args.get("s", "1")))
-            return "slow done"
-    """,
-}
+FUNCTIONS = {"echo": ECHO_FUNCTION, "slow": slow_function(1)}
 PROFILES = {"functions.toml": """
     [slow]
     retries = 2

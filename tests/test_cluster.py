@@ -18,7 +18,7 @@ import time
 import pytest
 import requests
 
-from tests.asynckit import board_uid_base, stop_keeping_state, wait_call, wait_for
+from tests.asynckit import ECHO_FUNCTION, board_uid_base, slow_function, stop_keeping_state, wait_call, wait_for
 from tests.conftest import REPO, SHARED, Server
 from tests.console_kit import sign_in
 from tests.helpers import LoopbackHTTP
@@ -33,19 +33,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Crashes while this flag exists; under SHARED, the only host folder a call's file system view shows.
 FLAG = os.path.join(SHARED, f"cluster-flaky-{os.getpid()}.flag")
 FUNCTIONS = {
-    "echo": """
-        import os
-
-        def main(request):
-            return {"body": request.get_data().decode(), "trigger": request.headers.get("X-Fnbox-Trigger")}
-    """,
-    "slow": """
-        import time
-
-        def main(request):
-            time.sleep(float(request.args.get("s", "0.3")))
-            return "slow done"
-    """,
+    "echo": ECHO_FUNCTION,
+    "slow": slow_function(0.3),
     "flaky": f"""
         import os
         FLAG_PATH = {FLAG!r}
