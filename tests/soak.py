@@ -3,8 +3,9 @@
     .venv/bin/python tests/soak.py                 # short form, 60 s of load (tests/test_soak.py runs it)
     .venv/bin/python tests/soak.py --minutes 10    # long form
 
-Mostly `hello` and a JSON echo, plus hostile calls with small limits from functions.toml, so they end fast:
-busy loops, memory bombs, crashes, fork bombs, output floods and sleepers past their timeout. A `limits` call
+Mostly `hello`, a JSON echo and a warm function (reuse_calls), plus hostile calls with small limits from
+functions.toml, so they end fast: busy loops, memory bombs, crashes, fork bombs, output floods, sleepers past their
+timeout, and a warm function that breaches its limits on every call. A `limits` call
 reports the cgroup limits it runs under, which must be those of its own profile. Before any hostile call runs, the
 sandbox layers containing it must be active (as tests/test_attacks.py requires): otherwise the soak stops.
 
@@ -136,6 +137,20 @@ FUNCTIONS = {
             time.sleep(30)
             return "woke up"
     """,
+    # Warm instances (reuse_calls, functions.toml below): module state counts the calls one process served.
+    "warm_count": """
+        CALLS = 0
+        def main(request):
+            global CALLS
+            CALLS += 1
+            return {"name": request.args.get("name", ""), "calls": CALLS}
+    """,
+    # A warm function whose every call breaches its limits: each ends its instance.
+    "warm_spin": """
+        def main(request):
+            while True:
+                pass
+    """,
 }
 
 # Small limits, so that each bad call ends within about a second. `limits` keeps the default profile.
@@ -158,6 +173,14 @@ PROFILES = {"functions.toml": """
     max_log_kb = 16
     [sleeper]
     timeout_s = 0.5
+    [warm_count]
+    reuse_calls = 50
+    idle_s = 1
+    [warm_spin]
+    reuse_calls = 20
+    idle_s = 1
+    timeout_s = 1
+    cpu_s = 1
 """}
 DEFAULT_LIMITS = {"memory_mb": 128, "pids_max": "16"}  # sandbox_profiles/default.toml
 
@@ -203,6 +226,22 @@ def _limits_check(req: dict[str, Any], r: requests.Response) -> str | None:
     return None if ok else f"{r.status_code} {r.text[:200]!r} (its profile: {DEFAULT_LIMITS})"
 
 
+WARM_REUSED: list[int] = []  # call counts above 1 that warm_count answered: its instances were reused
+
+
+def _warm_check(req: dict[str, Any], r: requests.Response) -> str | None:
+    try:
+        doc = r.json()
+        ok = r.status_code == 200 and doc["name"] == req["params"]["name"] and 1 <= doc["calls"] <= 50
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        return f"{r.status_code} {r.text[:200]!r}"
+    if doc["calls"] > 1:
+        WARM_REUSED.append(doc["calls"])
+    return None
+
+
 def _error_check(status: int, error: str) -> Callable[[dict[str, Any], requests.Response], str | None]:
     def check(req: dict[str, Any], r: requests.Response) -> str | None:
         try:
@@ -224,6 +263,8 @@ KINDS = [
     Kind("fork_bomb", 3, False, "504 timeout", lambda rng: {}, _error_check(504, "timeout")),
     Kind("output_flood", 4, False, "502 output_limit", lambda rng: {}, _error_check(502, "output_limit")),
     Kind("sleeper", 5, False, "504 timeout", lambda rng: {}, _error_check(504, "timeout")),
+    Kind("warm_count", 12, True, "200 name, a count", _hello_req, _warm_check),
+    Kind("warm_spin", 3, False, "504 timeout (warm)", lambda rng: {}, _error_check(504, "timeout")),
 ]
 
 
@@ -527,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         all_pids |= start_procs
         t_load = time.monotonic()
         report["timeline"] = []
+        WARM_REUSED.clear()  # the warm-up's are not the load's
         stats = run_load(srv, seconds, args.clients, args.seed, args.max_calls, report["timeline"])
         load_s = time.monotonic() - t_load
         if not wait_idle(srv):
@@ -555,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in KINDS:
         if kind.good and stats.get(kind.name, Stats()).calls == 0:
             failures.append(f"{kind.name}: no call made")
+    if stats.get("warm_count", Stats()).calls >= 20 and not WARM_REUSED:
+        failures.append("warm_count: no call was served by a reused instance (reuse_calls = 50)")
+    report["warm_reused"] = len(WARM_REUSED)
     rss_growth = end_fp["rss"] - start_fp["rss"]
     if rss_growth > RSS_GROWTH_LIMIT:
         failures.append(f"RSS grew by {rss_growth / MiB:.1f} MB (limit {RSS_GROWTH_LIMIT // MiB} MB)")
@@ -615,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"| {'zombies':<24} | {'':>9} | {len(zombie_pids):>9} | {'':>9} | {'0':>9} |")
     lines.append(f"| {'left behind, idle':<24} | {'':>9} | {len(left_running):>9} | {'':>9} | {'0':>9} |")
     lines.append(f"| {'left behind, stopped':<24} | {'':>9} | {len(left_stopped):>9} | {'':>9} | {'0':>9} |")
+    lines.append(f"| {'warm calls, reused proc.':<24} | {'':>9} | {len(WARM_REUSED):>9} | {'':>9} | {'> 0':>9} |")
     lines.append("")
     lines.append("RSS: master + workers + fork servers (not calls, spares or janitors), idle, after a warm-up (every "
                  f"request thread started, then {report.get('warm_up', {}).get('seconds', 0):.0f} s of the same mix).")
