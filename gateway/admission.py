@@ -36,7 +36,8 @@ T = TypeVar("T")
 
 
 class _Releases:
-    """Wakes the newcomers of this worker that wait for an ending call's place as soon as the worker frees one. A
+    """Wakes the newcomers of this worker that wait for an ending call's place of one cap (a function's, or the
+    server's and the worker's, which are freed together) as soon as the worker frees one. A
     5 ms sleep between attempts cost a client that calls a function in a loop up to 5 ms per call whenever its
     previous call's processes were still exiting (hello at 8 connections against max_concurrency = 8: most calls)."""
 
@@ -154,7 +155,7 @@ class ConcurrencyLimiter:
         self._tables: dict[str, LockTable] = {}
         self._local_finishing: dict[str, int] = {}  # key -> places of this worker held by answered calls
         self._freed: dict[str, int] = {}  # key -> the place this worker released last
-        self._releases = _Releases()
+        self._releases: dict[str, _Releases] = {}  # key -> its waiting newcomers
 
     def _table(self, key: str) -> LockTable:
         with self._lock:
@@ -162,6 +163,13 @@ class ConcurrencyLimiter:
             if table is None:
                 table = self._tables[key] = LockTable(os.path.join(self.directory, f"{key}.lock"))
             return table
+
+    def _waiters(self, key: str) -> _Releases:
+        with self._lock:
+            releases = self._releases.get(key)
+            if releases is None:
+                releases = self._releases[key] = _Releases()
+            return releases
 
     def _claim(self, key: str, limit: int) -> tuple[str, int] | None:
         """A free place of `key`; when every place is taken but some by calls that are ending, waits for one
@@ -180,7 +188,7 @@ class ConcurrencyLimiter:
             return None
 
         return _while_ending(attempt, lambda: (self._local_finishing.get(key, 0) > 0
-                                               or table.any_finishing(range(limit))), self._releases)
+                                               or table.any_finishing(range(limit))), self._waiters(key))
 
     def admit(self, name: str, limit: int) -> Ticket:
         """The places of one call (a Ticket), or Busy naming the cap that is full."""
@@ -209,7 +217,8 @@ class ConcurrencyLimiter:
                     return True
             return None
 
-        return _while_ending(attempt, lambda: self._local_finishing.get(GLOBAL, 0) > 0, self._releases) is not None
+        return _while_ending(attempt, lambda: self._local_finishing.get(GLOBAL, 0) > 0,
+                             self._waiters(GLOBAL)) is not None
 
     def _finishing(self, key: str, place: int, delta: int) -> None:
         with self._lock:
@@ -223,7 +232,7 @@ class ConcurrencyLimiter:
         if key == GLOBAL:  # each admitted call holds exactly one global place: it leaves the worker
             with self._lock:
                 self._in_worker -= 1
-        self._releases.freed()
+        self._waiters(key).freed()
 
     def in_flight(self) -> int:
         """Calls of this worker that hold their places (running, or answered and still ending)."""
