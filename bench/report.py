@@ -198,7 +198,7 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        verdict = {True: "HOLDS ", False: "MISSES", None: "N/A   "}[self.holds]
+        verdict = {True: "HITS  ", False: "MISSES", None: "N/A   "}[self.holds]
         return f"{verdict}  {self.name}: {self.detail}"
 
 
