@@ -107,14 +107,24 @@ class Instance:
     busy: bool = True
 
     def call_cpu(self) -> float:
-        """CPU seconds since the current (or last) call was assigned. The slot's cpuacct counter, reset at each
-        assignment, is one cheap read and counts the call's children too; without it, the process's own CPU
+        """CPU seconds since the current (or last) call was handed over. The slot's cpuacct counter, reset at each
+        hand-over, is one cheap read and counts the call's children too; without it, the process's own CPU
         from /proc (two reads, a quarter of the fork server's per-call CPU when it was read twice per call)."""
         cg = self.slot.cgroup
         ns = cg.cpu_ns() if cg is not None else None
         if ns is not None:
             return ns / 1e9
         return cpu_seconds(self.pid) - self.cpu_at_call
+
+    def begin_call(self, since_last: float) -> None:
+        """At a hand-over, with call_cpu() just read (an idle instance does not run, so it still holds): the
+        memory peak, the OOM count and the slot's CPU counter start again; without that counter, the process's
+        CPU now is derived from the reading instead of read again."""
+        cg = self.slot.cgroup
+        if cg is not None:
+            cg.reset_peak()
+        if cg is None or cg.cpu is None:
+            self.cpu_at_call += since_last
 
 
 class InstancePool:
@@ -139,12 +149,13 @@ class InstancePool:
             inst = self.idle[key].pop()
             if not self.idle[key]:
                 del self.idle[key]
-            idle_cpu = inst.call_cpu() - inst.cpu_at_idle
+            since_last = inst.call_cpu()
+            idle_cpu = since_last - inst.cpu_at_idle
             if idle_cpu > IDLE_CPU_SLACK:
                 self.retire(inst)  # it ran while it should have waited: a thread, or a forged "done"
                 continue
             inst.cpu_used += max(0.0, idle_cpu)
-            if self._assign(inst, msg["id"], fds):
+            if self._assign(inst, msg["id"], fds, since_last):
                 return
         self._start(key, msg, fds, profile)
 
@@ -159,16 +170,12 @@ class InstancePool:
             for sock in select.select(socks, [], [], 0)[0]:
                 self.on_message(sock)
 
-    def _assign(self, inst: Instance, call_id: int, fds: list[int]) -> bool:
+    def _assign(self, inst: Instance, call_id: int, fds: list[int], since_last: float) -> bool:
         srv = self.server
         if inst.cpu_used + inst.profile.cpu_s > lifetime_cpu(inst.profile):
             self.retire(inst)  # its RLIMIT_CPU could not cover a whole call any more
             return False
-        cg = inst.slot.cgroup
-        if cg is not None:
-            cg.reset_peak()  # memory peak, OOM count and the cpuacct counter start again for this call
-        if cg is None or cg.cpu is None:
-            inst.cpu_at_call = cpu_seconds(inst.pid)
+        inst.begin_call(since_last)
         try:
             send_msg(inst.sock, {"op": "call", "id": call_id}, fds)
         except OSError:  # it died while idle: reaped later
