@@ -152,29 +152,24 @@ class ConcurrencyLimiter:
         self._in_worker = 0
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
-        self._tables: dict[str, LockTable] = {}
+        self._caps: dict[str, tuple[LockTable, _Releases]] = {}  # key -> its places, and its waiting newcomers
         self._local_finishing: dict[str, int] = {}  # key -> places of this worker held by answered calls
         self._freed: dict[str, int] = {}  # key -> the place this worker released last
-        self._releases: dict[str, _Releases] = {}  # key -> its waiting newcomers
+
+    def _cap(self, key: str) -> tuple[LockTable, _Releases]:
+        with self._lock:
+            cap = self._caps.get(key)
+            if cap is None:
+                cap = self._caps[key] = (LockTable(os.path.join(self.directory, f"{key}.lock")), _Releases())
+            return cap
 
     def _table(self, key: str) -> LockTable:
-        with self._lock:
-            table = self._tables.get(key)
-            if table is None:
-                table = self._tables[key] = LockTable(os.path.join(self.directory, f"{key}.lock"))
-            return table
-
-    def _waiters(self, key: str) -> _Releases:
-        with self._lock:
-            releases = self._releases.get(key)
-            if releases is None:
-                releases = self._releases[key] = _Releases()
-            return releases
+        return self._cap(key)[0]
 
     def _claim(self, key: str, limit: int) -> tuple[str, int] | None:
         """A free place of `key`; when every place is taken but some by calls that are ending, waits for one
         (bounded)."""
-        table = self._table(key)
+        table, releases = self._cap(key)
 
         def attempt() -> tuple[str, int] | None:
             # The place this worker freed last first: most likely still free, so a claim is one syscall instead
@@ -188,7 +183,7 @@ class ConcurrencyLimiter:
             return None
 
         return _while_ending(attempt, lambda: (self._local_finishing.get(key, 0) > 0
-                                               or table.any_finishing(range(limit))), self._waiters(key))
+                                               or table.any_finishing(range(limit))), releases)
 
     def admit(self, name: str, limit: int) -> Ticket:
         """The places of one call (a Ticket), or Busy naming the cap that is full."""
@@ -218,7 +213,7 @@ class ConcurrencyLimiter:
             return None
 
         return _while_ending(attempt, lambda: self._local_finishing.get(GLOBAL, 0) > 0,
-                             self._waiters(GLOBAL)) is not None
+                             self._cap(GLOBAL)[1]) is not None
 
     def _finishing(self, key: str, place: int, delta: int) -> None:
         with self._lock:
@@ -227,12 +222,13 @@ class ConcurrencyLimiter:
             self._table(key).finishing(place)
 
     def _release(self, key: str, place: int) -> None:
-        self._table(key).release(place)
+        table, releases = self._cap(key)
+        table.release(place)
         self._freed[key] = place
         if key == GLOBAL:  # each admitted call holds exactly one global place: it leaves the worker
             with self._lock:
                 self._in_worker -= 1
-        self._waiters(key).freed()
+        releases.freed()
 
     def in_flight(self) -> int:
         """Calls of this worker that hold their places (running, or answered and still ending)."""

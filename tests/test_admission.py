@@ -69,7 +69,7 @@ def _admit_while_ending(limiter: ConcurrencyLimiter, name: str, limit: int, endi
     out: list[object] = []
     t = threading.Thread(target=lambda: out.append(limiter.admit(name, limit)), daemon=True)
     t.start()
-    assert wait_for(lambda: sum(r.waiting for r in limiter._releases.values()) == 1, 10), "the newcomer did not wait"
+    assert wait_for(lambda: sum(r.waiting for _, r in limiter._caps.values()) == 1, 10), "the newcomer did not wait"
     ending.release()
     t.join(10)
     return out[0] if out else None
