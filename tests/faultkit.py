@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psutil
@@ -100,34 +100,39 @@ def zygotes_of(srv: Server) -> list[psutil.Process]:
     return _master_children(srv)[1]
 
 
+def _root_children(parents: Iterable[psutil.Process]) -> Iterator[tuple[psutil.Process, psutil.Process]]:
+    """(parent, child) for each child running as root (real uid 0) of each parent still there."""
+    for p in parents:
+        try:
+            children = p.children()
+        except psutil.Error:
+            continue
+        for c in children:
+            try:
+                if c.uids().real == 0:
+                    yield p, c
+            except psutil.Error:
+                pass
+
+
 def fork_servers(srv: Server) -> dict[int, int]:
     """fork server pid -> its worker's pid. A fork server is forked by the server's zygote and named
     FORK_SERVER_PREFIX + the worker's pid (runner/zygote.py), or, without a zygote, it is its worker's own root
     child running runner.forkserver. Their own children, calls and spares, are not fork servers."""
     out = {}
-    for z in zygotes_of(srv):
+    for _, c in _root_children(zygotes_of(srv)):
         try:
-            children = z.children()
-        except psutil.Error:
-            continue
-        for c in children:
-            try:
-                name = c.name()
-                if c.uids().real == 0 and name.startswith(FORK_SERVER_PREFIX):
-                    out[c.pid] = int(name.split(":", 1)[1])
-            except (psutil.Error, ValueError):
-                pass
-    for w in workers_of(srv):
+            name = c.name()
+            if name.startswith(FORK_SERVER_PREFIX):
+                out[c.pid] = int(name.split(":", 1)[1])
+        except (psutil.Error, ValueError):
+            pass
+    for w, c in _root_children(workers_of(srv)):
         try:
-            children = w.children()
+            if "runner.forkserver" in " ".join(c.cmdline()):
+                out[c.pid] = w.pid
         except psutil.Error:
-            continue
-        for c in children:
-            try:
-                if c.uids().real == 0 and "runner.forkserver" in " ".join(c.cmdline()):
-                    out[c.pid] = w.pid
-            except psutil.Error:
-                pass
+            pass
     return out
 
 
